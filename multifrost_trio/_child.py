@@ -1,0 +1,542 @@
+"""The worker side: ``ChildWorker``, dispatch, sync-handler threads, output forwarding.
+
+The child owns its process and runs trio directly. One nursery holds the reader, the output
+pump, the parent-death watch and one task per async call; heartbeats are echoed by the reader
+itself, so a busy handler never looks like a dead worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import io
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Literal, TypeVar
+
+import outcome
+import trio
+import zmq
+
+from . import _messages as m
+from ._transport import Channel, new_socket
+
+log = logging.getLogger("multifrost_trio.child")
+
+PORT_ENV: Final = "COMLINK_ZMQ_PORT"
+WORKER_MODE_ENV: Final = "COMLINK_WORKER_MODE"
+PARENT_FD_ENV: Final = "MULTIFROST_TRIO_PARENT_FD"
+"""Read end of a pipe whose write end only the parent holds: EOF means the parent died."""
+
+_PPID_POLL_SECONDS: Final = 1.0
+"""Parent-death check for parents that pass no pipe (other implementations)."""
+_OUTPUT_BUFFER_LIMIT: Final = 8 * 1024 * 1024
+"""Bytes of forwarded print() output kept while the parent is slow; older text is dropped."""
+_OUTPUT_CHUNK: Final = 256 * 1024
+
+_INLINE_ATTR: Final = "__multifrost_inline__"
+F = TypeVar("F", bound=Callable[..., Any])
+Kind = Literal["async", "inline", "thread"]
+
+
+def inline(func: F) -> F:
+    """Mark a sync worker method to run on the event loop instead of a worker thread.
+
+    For tiny functions only (microseconds): the thread hand-off would cost more than the
+    work. While an inline method runs, nothing else in the worker runs, heartbeats included.
+    """
+    setattr(func, _INLINE_ATTR, True)
+    return func
+
+
+@dataclass
+class ChildCounters:
+    """What a worker counts about itself (readable from handlers as ``self.counters``)."""
+
+    calls_started: int = 0
+    calls_succeeded: int = 0
+    calls_failed: int = 0
+    calls_cancelled: int = 0
+    messages_dropped: int = 0
+    """Frames that were malformed, foreign, too large or for another namespace."""
+    replies_undeliverable: int = 0
+    """Replies whose parent had gone away."""
+    abandoned_results: int = 0
+    """Sync handlers that finished after their caller gave up; the result was dropped."""
+    output_dropped_bytes: int = 0
+
+
+class _SyncJob:
+    __slots__ = ("abandoned", "args", "func", "result", "task")
+
+    def __init__(self, func: Callable[..., Any], args: list[Any], task: trio.lowlevel.Task):
+        self.func = func
+        self.args = args
+        self.task = task
+        self.abandoned = False
+        self.result: outcome.Outcome[Any] | None = None
+
+
+class _ThreadRunner:
+    """Persistent worker threads for sync handlers.
+
+    Jobs go through one queue; results come back in batches through a single
+    ``run_sync_soon`` per batch, which wakes the waiting tasks directly (no per-call thread,
+    no per-result loop wake-up). A thread is added only when a job arrives and none is idle.
+    """
+
+    def __init__(self, max_threads: int, counters: ChildCounters) -> None:
+        self._max_threads = max_threads
+        self._counters = counters
+        self._jobs: queue.SimpleQueue[_SyncJob] = queue.SimpleQueue()
+        self._done: collections.deque[_SyncJob] = collections.deque()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._delivery_scheduled = False
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    async def run(self, func: Callable[..., Any], args: list[Any]) -> Any:
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        job = _SyncJob(func, args, trio.lowlevel.current_task())
+        with self._lock:
+            spawn = self._idle == 0 and self._threads < self._max_threads
+            if spawn:
+                self._threads += 1
+        if spawn:
+            threading.Thread(target=self._work, name="multifrost-sync", daemon=True).start()
+        self._jobs.put(job)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            job.abandoned = True
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _work(self) -> None:
+        jobs, done, lock = self._jobs, self._done, self._lock
+        while True:
+            with lock:
+                self._idle += 1
+            job = jobs.get()
+            with lock:
+                self._idle -= 1
+            if job.abandoned:
+                self._counters.abandoned_results += 1
+                continue
+            job.result = outcome.capture(job.func, *job.args)
+            done.append(job)
+            if not self._delivery_scheduled:
+                self._delivery_scheduled = True
+                assert self._token is not None
+                try:
+                    self._token.run_sync_soon(self._deliver)
+                except trio.RunFinishedError:
+                    return
+
+    def _deliver(self) -> None:
+        self._delivery_scheduled = False
+        done = self._done
+        while done:
+            job = done.popleft()
+            if job.abandoned:
+                self._counters.abandoned_results += 1
+            else:
+                trio.lowlevel.reschedule(job.task, job.result)  # type: ignore[arg-type]
+
+
+class _OutputForwarder(io.TextIOBase):
+    """Replaces ``sys.stdout``/``sys.stderr``: text becomes ``stdout``/``stderr`` messages.
+
+    Thread-safe; ``write`` never blocks (text is buffered and the loop is nudged).
+    """
+
+    def __init__(
+        self, stream: Literal["stdout", "stderr"], pump: _OutputPump, original: Any
+    ) -> None:
+        super().__init__()
+        self.stream: Literal["stdout", "stderr"] = stream
+        self._pump = pump
+        self._original = original
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text:
+            self._pump.push(self.stream, text)
+        return len(text)
+
+    def fileno(self) -> int:
+        return int(self._original.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+class _OutputPump:
+    """Collects forwarded text from any thread and sends it from one trio task."""
+
+    def __init__(self, worker: ChildWorker) -> None:
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Literal["stdout", "stderr"], str]] = []
+        self._pending_bytes = 0
+        self._wakeup = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def push(self, stream: Literal["stdout", "stderr"], text: str) -> None:
+        with self._lock:
+            self._pending.append((stream, text))
+            self._pending_bytes += len(text)
+            while self._pending_bytes > _OUTPUT_BUFFER_LIMIT and len(self._pending) > 1:
+                _, dropped = self._pending.pop(0)
+                self._pending_bytes -= len(dropped)
+                self._worker.counters.output_dropped_bytes += len(dropped)
+        try:
+            self._token.run_sync_soon(self._wake, idempotent=True)
+        except trio.RunFinishedError:
+            pass
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _take(self) -> list[tuple[Literal["stdout", "stderr"], str]]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._pending_bytes = 0
+        merged: list[tuple[Literal["stdout", "stderr"], str]] = []
+        for stream, text in batch:
+            if merged and merged[-1][0] == stream and len(merged[-1][1]) < _OUTPUT_CHUNK:
+                merged[-1] = (stream, merged[-1][1] + text)
+            else:
+                merged.append((stream, text))
+        return merged
+
+    async def run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            for stream, text in self._take():
+                await self._worker._send_to_parents(m.make_output(stream, text))
+
+
+
+class ChildWorker:
+    """Subclass this in a worker script; its public methods become callable by parents.
+
+    Callable: methods defined on the subclass (sync or async) whose names do not start
+    with ``_``, plus ``list_functions``. Async methods run as trio tasks and are cancelled
+    when their caller gives up; sync methods run on worker threads unless marked with
+    :func:`inline`. Start it with ``MyWorker().run()`` (blocking) or
+    ``await MyWorker().serve()`` inside a trio program.
+    """
+
+    namespace: str = m.DEFAULT_NAMESPACE
+    """Calls for another namespace are ignored (override per class or in ``__init__``)."""
+    max_concurrency: int = 1000
+    """Calls handled at once; further calls wait in arrival order (heartbeats never wait)."""
+    sync_threads: int = 8
+    """Most worker threads used for sync handlers at once."""
+
+    _functions_cache: ClassVar[dict[str, Kind] | None] = None
+
+    def __init__(
+        self,
+        *,
+        namespace: str | None = None,
+        max_concurrency: int | None = None,
+        sync_threads: int | None = None,
+    ) -> None:
+        if namespace is not None:
+            self.namespace = namespace
+        if max_concurrency is not None:
+            self.max_concurrency = max_concurrency
+        if sync_threads is not None:
+            self.sync_threads = sync_threads
+        if self.max_concurrency < 1 or self.sync_threads < 1:
+            raise ValueError("max_concurrency and sync_threads must be at least 1")
+        self.counters = ChildCounters()
+        self._functions = type(self)._callable_functions()
+        self._channel: Channel | None = None
+        self._parents: dict[bytes, None] = {}
+        self._running: dict[str, trio.CancelScope] = {}
+        self._backlog: collections.deque[tuple[bytes, m.CallMessage]] = collections.deque()
+        self._active = 0
+        self._nursery: trio.Nursery | None = None
+        self._threads = _ThreadRunner(self.sync_threads, self.counters)
+        self._exit_scope: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------------ public surface
+
+    def list_functions(self) -> list[str]:
+        """The names parents may call on this worker."""
+        return sorted(self._functions)
+
+    def run(self) -> None:
+        """Serve until the parent says ``shutdown``, dies, or a signal arrives (blocking).
+
+        A bad ``COMLINK_ZMQ_PORT`` prints a clear message to stderr and exits with status 1.
+        """
+        try:
+            port = _port_from_env()
+        except ValueError as exc:
+            print(f"multifrost_trio worker: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        trio.run(self._serve_port, port)
+
+    async def serve(self) -> None:
+        """Serve inside the current trio run (see :meth:`run`)."""
+        await self._serve_port(_port_from_env())
+
+    # ------------------------------------------------------------------ serving
+
+    @classmethod
+    def _callable_functions(cls) -> dict[str, Kind]:
+        cached = cls.__dict__.get("_functions_cache")
+        if cached is not None:
+            return dict(cached)
+        found: dict[str, Kind] = {"list_functions": "inline"}
+        for klass in reversed(cls.__mro__):
+            if klass is ChildWorker or not issubclass(klass, ChildWorker):
+                continue
+            for name, attr in vars(klass).items():
+                if name.startswith("_") or name in _BASE_NAMES:
+                    continue
+                func = attr.__func__ if isinstance(attr, staticmethod | classmethod) else attr
+                if not callable(func) or isinstance(func, type):
+                    continue
+                if inspect.iscoroutinefunction(func):
+                    found[name] = "async"
+                elif getattr(func, _INLINE_ATTR, False):
+                    found[name] = "inline"
+                else:
+                    found[name] = "thread"
+        cls._functions_cache = found
+        return dict(found)
+
+    async def _serve_port(self, port: int) -> None:
+        sock = new_socket(zmq.ROUTER)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        await self._serve_socket(sock, spawned=True)
+
+    async def _serve_socket(self, sock: zmq.Socket[bytes], *, spawned: bool) -> None:
+        channel = Channel(sock, self._on_frames)
+        self._channel = channel
+        original_streams = sys.stdout, sys.stderr
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._exit_scope = nursery.cancel_scope
+                pump = _OutputPump(self)
+                sys.stdout = _OutputForwarder("stdout", pump, original_streams[0])
+                sys.stderr = _OutputForwarder("stderr", pump, original_streams[1])
+                nursery.start_soon(pump.run)
+                nursery.start_soon(channel.run)
+                if threading.current_thread() is threading.main_thread():
+                    nursery.start_soon(self._watch_signals)
+                if spawned or os.environ.get(WORKER_MODE_ENV) == "1":
+                    nursery.start_soon(self._watch_parent)
+                log.debug("worker serving", extra={"pid": os.getpid()})
+        finally:
+            sys.stdout, sys.stderr = original_streams
+            self._nursery = None
+            channel.close()
+
+    def _stop(self) -> None:
+        if self._exit_scope is not None:
+            self._exit_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.debug("worker stopping on signal", extra={"signal": signum})
+                self._stop()
+                return
+
+    async def _watch_parent(self) -> None:
+        fd_text = os.environ.get(PARENT_FD_ENV)
+        if fd_text and fd_text.isdigit():
+            fd = int(fd_text)
+            os.set_blocking(fd, False)
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    if not os.read(fd, 4096):
+                        break
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    break
+        else:
+            parent = os.getppid()
+            while os.getppid() == parent:
+                await trio.sleep(_PPID_POLL_SECONDS)
+        log.debug("parent process is gone; worker exiting")
+        self._stop()
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            self.counters.messages_dropped += 1
+            return
+        identity = frames[0]
+        try:
+            message = m.decode(frames[-1])
+        except m.DecodeError as exc:
+            self.counters.messages_dropped += 1
+            log.debug("dropped a message: %s", exc)
+            if exc.call_id is not None:
+                self._parents[identity] = None
+                self._reply_now(identity, m.make_error(exc.call_id, f"ValueError: {exc}\n"))
+            return
+        if message is None:
+            return
+        self._parents[identity] = None
+        kind = message.type
+        if kind == "call":
+            self._on_call(identity, message)  # type: ignore[arg-type]
+        elif kind == "heartbeat":
+            meta = message.metadata or {}
+            if not meta.get("hb_response"):
+                self._reply_now(identity, m.make_heartbeat_echo(message))  # type: ignore[arg-type]
+        elif kind == "cancel":
+            scope = self._running.get(message.id)
+            if scope is not None:
+                scope.cancel()
+        elif kind == "shutdown":
+            log.debug("shutdown requested")
+            self._stop()
+
+    def _on_call(self, identity: bytes, call: m.CallMessage) -> None:
+        if call.namespace != self.namespace:
+            self.counters.messages_dropped += 1
+            return
+        self.counters.calls_started += 1
+        name = call.function
+        kind = self._functions.get(name) if name is not None else None
+        if kind is None:
+            self.counters.calls_failed += 1
+            self._reply_now(identity, m.make_error(call.id, _lookup_error(name)))
+        elif kind == "inline":
+            self._reply_now(identity, self._run_inline(call, name))  # type: ignore[arg-type]
+        elif self._active >= self.max_concurrency or self._nursery is None:
+            self._backlog.append((identity, call))
+        else:
+            self._active += 1
+            self._nursery.start_soon(self._call_task, identity, call, kind)
+
+    def _run_inline(self, call: m.CallMessage, name: str) -> m.ResponseMessage | m.ErrorMessage:
+        try:
+            result = getattr(self, name)(*call.args)
+            reply: m.ResponseMessage | m.ErrorMessage = m.make_response(call.id, result)
+        except Exception as exc:
+            self.counters.calls_failed += 1
+            return m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
+        self.counters.calls_succeeded += 1
+        return reply
+
+    async def _call_task(self, identity: bytes, call: m.CallMessage, kind: Kind) -> None:
+        try:
+            while True:
+                await self._handle(identity, call, kind)
+                if not self._backlog:
+                    return
+                identity, call = self._backlog.popleft()
+                found = self._functions.get(call.function or "")
+                kind = found if found is not None else "thread"
+        finally:
+            self._active -= 1
+
+    async def _handle(self, identity: bytes, call: m.CallMessage, kind: Kind) -> None:
+        method = getattr(self, call.function or "")
+        reply: m.ResponseMessage | m.ErrorMessage | None = None
+        with trio.CancelScope() as scope:
+            self._running[call.id] = scope
+            try:
+                if kind == "async":
+                    result = await method(*call.args)
+                elif kind == "thread":
+                    result = await self._threads.run(method, call.args)
+                else:
+                    result = method(*call.args)
+                reply = m.make_response(call.id, result)
+                self.counters.calls_succeeded += 1
+            except Exception as exc:
+                self.counters.calls_failed += 1
+                reply = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
+            finally:
+                del self._running[call.id]
+        if scope.cancelled_caught:
+            self.counters.calls_cancelled += 1
+            return
+        if reply is not None:
+            await self._send(identity, reply)
+
+    # ------------------------------------------------------------------ sending
+
+    def _reply_now(self, identity: bytes, message: m.Message) -> None:
+        """Send from a sync context; a full peer queue hands the send to a task."""
+        payload = m.encode(message)
+        try:
+            if self._channel is not None and self._channel.try_send([identity, b"", payload]):
+                return
+        except zmq.ZMQError:
+            self.counters.replies_undeliverable += 1
+            return
+        if self._nursery is not None:
+            self._nursery.start_soon(self._send_payload, identity, payload)
+
+    async def _send(self, identity: bytes, message: m.Message) -> None:
+        await self._send_payload(identity, m.encode(message))
+
+    async def _send_payload(self, identity: bytes, payload: bytes) -> None:
+        channel = self._channel
+        if channel is None or channel.closed:
+            return
+        try:
+            await channel.send([identity, b"", payload])
+        except zmq.ZMQError:
+            self.counters.replies_undeliverable += 1
+            self._parents.pop(identity, None)
+
+    async def _send_to_parents(self, message: m.Message) -> None:
+        payload = m.encode(message)
+        for identity in list(self._parents):
+            await self._send_payload(identity, payload)
+
+
+_BASE_NAMES: Final = frozenset(
+    name for name in vars(ChildWorker) if not name.startswith("_")
+) - {"list_functions"}
+
+
+def _lookup_error(name: str | None) -> str:
+    if name is None:
+        return "ValueError: Call message is missing the 'function' field\n"
+    if name.startswith("_"):
+        return f"AttributeError: Cannot call private method '{name}'\n"
+    return f"AttributeError: Function '{name}' not found\n"
+
+
+def _port_from_env() -> int:
+    text = os.environ.get(PORT_ENV)
+    if text is None:
+        raise ValueError(f"{PORT_ENV} is not set: start this worker from a parent process")
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"{PORT_ENV}={text!r} is not a port number") from None
+    if not 1024 <= port <= 65535:
+        raise ValueError(f"{PORT_ENV}={port} is outside 1024..65535")
+    return port

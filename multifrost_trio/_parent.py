@@ -1,0 +1,423 @@
+"""The parent side of one worker: options, pending calls, ``call`` and its views.
+
+Written against anyio so it runs unchanged on trio and asyncio. A call registers its id,
+sends, and waits on its own slot; the reader (the channel's ``on_frames``) resolves slots
+synchronously as replies are drained. Whatever ends a wait removes the id in a ``finally``;
+a caller that gave up after sending tells the child with a ``cancel`` message.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import _messages as m
+from ._errors import CallTimeout, RemoteCallError, WorkerDied
+from ._metrics import Metrics, MetricsSnapshot, Outcome
+from ._transport import Channel, ChannelClosed
+
+log = logging.getLogger("multifrost_trio")
+
+Stream = Literal["stdout", "stderr"]
+OutputSink = Callable[[Stream, str], None]
+"""Receives each line a worker printed: ``sink("stdout" | "stderr", line)``."""
+
+
+class SpawnOptions(BaseModel):
+    """How to start, talk to and stop a worker (frozen, validated; connect mode reuses it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    timeout: float | None = Field(default=None, gt=0)
+    """Default per-call timeout in seconds (None: wait as long as the caller's scope allows)."""
+    namespace: str = m.DEFAULT_NAMESPACE
+    """Namespace sent with every call; a worker ignores calls for another namespace."""
+    client_name: str | None = None
+    """Optional name sent with every call (``client_name`` on the wire)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables for the child, on top of this process's environment."""
+    cwd: Path | None = None
+    """Working directory of the child (default: this process's)."""
+    max_in_flight: int = Field(default=1000, ge=1)
+    """Calls sent and not yet answered at once; further calls wait for room."""
+    start_timeout: float = Field(default=10.0, gt=0)
+    """Seconds for the child to start and answer its first heartbeat."""
+    shutdown_grace: float = Field(default=2.0, ge=0)
+    """Seconds the child gets to exit after ``shutdown`` before it is sent SIGTERM."""
+    kill_grace: float = Field(default=2.0, ge=0)
+    """Seconds after SIGTERM before SIGKILL."""
+    heartbeat_interval: float = Field(default=5.0, ge=0)
+    """Seconds between heartbeats (0 disables them)."""
+    heartbeat_timeout: float = Field(default=3.0, gt=0)
+    """Seconds to wait for a heartbeat's echo before counting a miss."""
+    heartbeat_max_misses: int = Field(default=3, ge=1)
+    """Consecutive misses after which the worker is unhealthy and its pending calls fail."""
+    output: OutputSink | None = None
+    """Where the worker's printed lines go; default: this process's stdout/stderr with a
+    ``[<script> STDOUT]: `` / ``[<script> STDERR]: `` prefix."""
+
+
+class _Slot:
+    """Where the reader puts the answer a waiting call will pick up."""
+
+    __slots__ = ("error", "event", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, value: Any) -> None:
+        self.value = value
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+
+_UNSET: Final[Any] = object()
+
+
+class WorkerCore:
+    """State shared by every view of one worker: channel, pending calls, metrics."""
+
+    def __init__(self, name: str, options: SpawnOptions) -> None:
+        self.name = name
+        self.options = options
+        self.channel: Channel | None = None
+        self.metrics = Metrics()
+        self.pid: int | None = None
+        self.last_rtt_ms: float | None = None
+        self._pending: dict[str, _Slot] = {}
+        self._heartbeats: dict[str, _Slot] = {}
+        self._failure: Callable[[], BaseException] | None = None
+        self._room_waiters: collections.deque[anyio.Event] = collections.deque()
+        self._cancelled_exc = anyio.get_cancelled_exc_class()
+        sink = options.output
+        self._sink: OutputSink = sink if sink is not None else self._print_output
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def attach(self, channel: Channel) -> None:
+        """Use ``channel`` for traffic and accept calls again (a fresh start or a restart)."""
+        self.channel = channel
+        self._failure = None
+
+    def fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        """Fail every pending call and heartbeat now, and refuse new calls until ``attach``."""
+        self._failure = make_error
+        pending = list(self._pending.values()) + list(self._heartbeats.values())
+        self._pending.clear()
+        self._heartbeats.clear()
+        for slot in pending:
+            slot.fail(make_error())
+        if self.channel is not None:
+            self.channel.abort_senders(make_error())
+        while self._room_waiters:
+            self._room_waiters.popleft().set()
+
+    # ------------------------------------------------------------------ receiving
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        """The reader's callback: resolve the call or heartbeat a message answers."""
+        try:
+            message = m.decode(frames[-1])
+        except m.DecodeError as exc:
+            self.metrics.messages_dropped += 1
+            log.debug("dropped a message from %s: %s", self.name, exc)
+            return
+        if message is None:
+            return
+        kind = message.type
+        if kind == "response":
+            slot = self._pending.pop(message.id, None)
+            if slot is not None:
+                slot.resolve(message.result)  # type: ignore[union-attr]
+                return
+        elif kind == "error":
+            slot = self._pending.pop(message.id, None)
+            if slot is not None:
+                slot.fail(RemoteCallError.from_wire(message.error))  # type: ignore[union-attr]
+                return
+        elif kind == "heartbeat":
+            slot = self._heartbeats.pop(message.id, None)
+            if slot is not None:
+                slot.resolve(None)
+                return
+        elif kind == "stdout" or kind == "stderr":
+            for line in message.output.splitlines() or [""]:  # type: ignore[union-attr]
+                self.emit_output(kind, line)
+            return
+        else:
+            return
+        self.metrics.messages_dropped += 1
+
+    def emit_output(self, stream: Stream, line: str) -> None:
+        """Hand one line of the worker's output to the sink (never raises)."""
+        try:
+            self._sink(stream, line)
+        except Exception:
+            log.exception("output sink of %s raised", self.name)
+
+    def _print_output(self, stream: Stream, line: str) -> None:
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        print(f"[{self.name} {stream.upper()}]: {line}", file=target, flush=True)
+
+    # ------------------------------------------------------------------ calling
+
+    async def call(
+        self,
+        function: str,
+        args: tuple[Any, ...],
+        timeout: float | None,
+        namespace: str,
+        client_name: str | None,
+    ) -> Any:
+        if self._failure is not None:
+            raise self._failure()
+        message = m.make_call(function, args, namespace, client_name)
+        frames = (b"", m.encode(message))
+        metrics = self.metrics
+        outcome: Outcome = "failed"
+        started = time.perf_counter()
+        metrics.in_flight += 1
+        try:
+            if timeout is None:
+                result = await self._exchange(message.id, frames)
+            else:
+                with anyio.move_on_after(timeout) as scope:
+                    result = await self._exchange(message.id, frames)
+                if scope.cancelled_caught:
+                    outcome = "timeout"
+                    raise CallTimeout(
+                        f"call {function!r} to {self.name} timed out after {timeout} s"
+                    )
+            outcome = "success"
+            return result
+        except self._cancelled_exc:
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.in_flight -= 1
+            metrics.record(function, outcome, time.perf_counter() - started)
+
+    async def _exchange(self, call_id: str, frames: tuple[bytes, bytes]) -> Any:
+        channel = self.channel
+        assert channel is not None
+        if len(self._pending) >= self.options.max_in_flight:
+            await self._wait_for_room()
+        slot = _Slot()
+        self._pending[call_id] = slot
+        sent = False
+        try:
+            await channel.send(frames)
+            sent = True
+            await slot.event.wait()
+        except ChannelClosed:
+            if self._failure is not None:
+                raise self._failure() from None
+            raise WorkerDied(f"worker {self.name} is closed") from None
+        finally:
+            if self._pending.pop(call_id, None) is not None and sent:
+                self._send_cancel(call_id)
+            if self._room_waiters:
+                self._room_waiters.popleft().set()
+        if slot.error is not None:
+            raise slot.error
+        return slot.value
+
+    async def _wait_for_room(self) -> None:
+        while len(self._pending) >= self.options.max_in_flight:
+            if self._failure is not None:
+                raise self._failure()
+            event = anyio.Event()
+            self._room_waiters.append(event)
+            try:
+                await event.wait()
+            finally:
+                if event in self._room_waiters:
+                    self._room_waiters.remove(event)
+                elif self._room_waiters and len(self._pending) < self.options.max_in_flight:
+                    self._room_waiters.popleft().set()
+
+    def _send_cancel(self, call_id: str) -> None:
+        channel = self.channel
+        if channel is None or channel.closed:
+            return
+        try:
+            channel.try_send((b"", m.encode(m.make_cancel(call_id))))
+        except Exception:
+            log.debug("could not send cancel for %s", call_id)
+
+    def send_nowait(self, message: m.Message) -> bool:
+        """Best-effort send without waiting (shutdown); False if it could not go out."""
+        channel = self.channel
+        if channel is None or channel.closed:
+            return False
+        try:
+            return channel.try_send((b"", m.encode(message)))
+        except Exception:
+            return False
+
+    async def ping(self) -> float:
+        """Send a heartbeat and wait for its echo; returns the round trip in ms."""
+        if self._failure is not None:
+            raise self._failure()
+        channel = self.channel
+        assert channel is not None
+        message = m.make_heartbeat()
+        slot = _Slot()
+        self._heartbeats[message.id] = slot
+        try:
+            await channel.send((b"", m.encode(message)))
+            await slot.event.wait()
+        finally:
+            self._heartbeats.pop(message.id, None)
+        if slot.error is not None:
+            raise slot.error
+        rtt_ms = max(0.0, (time.time() - message.timestamp) * 1000.0)
+        self.last_rtt_ms = rtt_ms
+        self.metrics.heartbeat_rtts.append(rtt_ms)
+        return rtt_ms
+
+
+class _CallProxy:
+    """``worker.call(name, *args)`` and ``worker.call.name(*args)``."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def __call__(self, function: str, *args: Any) -> Any:
+        worker = self._worker
+        return await worker._core.call(
+            function, args, worker._timeout, worker._namespace, worker._client_name
+        )
+
+    def __getattr__(self, function: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+        if function.startswith("__"):
+            raise AttributeError(function)
+        return functools.partial(self.__call__, function)
+
+
+class Worker:
+    """A handle on a running worker, yielded by ``open_worker`` / ``connect_worker``.
+
+    Views made by :meth:`with_options` share the worker and differ only in call options.
+    """
+
+    __slots__ = ("_client_name", "_core", "_namespace", "_timeout")
+
+    def __init__(
+        self,
+        core: WorkerCore,
+        *,
+        timeout: float | None = None,
+        namespace: str | None = None,
+        client_name: str | None = None,
+    ) -> None:
+        self._core = core
+        self._timeout = timeout
+        self._namespace = namespace if namespace is not None else core.options.namespace
+        self._client_name = client_name
+
+    @classmethod
+    def _for(cls, core: WorkerCore) -> Worker:
+        options = core.options
+        return cls(
+            core,
+            timeout=options.timeout,
+            namespace=options.namespace,
+            client_name=options.client_name,
+        )
+
+    @property
+    def call(self) -> _CallProxy:
+        """Call a function: ``await w.call("add", 1, 2)`` or ``await w.call.add(1, 2)``."""
+        return _CallProxy(self)
+
+    def with_options(
+        self,
+        *,
+        timeout: float | None = _UNSET,
+        namespace: str = _UNSET,
+        client_name: str | None = _UNSET,
+    ) -> Worker:
+        """A new view of the same worker with other call options (this one is unchanged).
+
+        ``timeout`` in seconds (None: no timeout) raises :class:`CallTimeout` when exceeded.
+        """
+        if timeout is not _UNSET and timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive (or None)")
+        return Worker(
+            self._core,
+            timeout=self._timeout if timeout is _UNSET else timeout,
+            namespace=self._namespace if namespace is _UNSET else namespace,
+            client_name=self._client_name if client_name is _UNSET else client_name,
+        )
+
+    async def list_functions(self) -> list[str]:
+        """The function names the worker exposes."""
+        result = await self.call("list_functions")
+        return [str(name) for name in result]
+
+    def metrics(self) -> MetricsSnapshot:
+        """A frozen snapshot of this worker's counters and latencies."""
+        return self._core.metrics.snapshot()
+
+    @property
+    def name(self) -> str:
+        """The worker's display name (its script's file name or its service id)."""
+        return self._core.name
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id in spawn mode, else None."""
+        return self._core.pid
+
+    @property
+    def timeout(self) -> float | None:
+        """This view's per-call timeout in seconds."""
+        return self._timeout
+
+    @property
+    def namespace(self) -> str:
+        """This view's namespace."""
+        return self._namespace
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the worker died or missed too many heartbeats."""
+        return not self._core.failed
+
+    @property
+    def last_heartbeat_rtt_ms(self) -> float | None:
+        """Round trip of the last answered heartbeat, in milliseconds."""
+        return self._core.last_rtt_ms
+
+    @property
+    def pending_calls(self) -> int:
+        """Calls sent and not yet answered."""
+        return self._core.pending_count
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name!r} pid={self.pid} namespace={self._namespace!r}>"

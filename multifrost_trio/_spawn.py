@@ -1,0 +1,267 @@
+"""Spawn mode: start the child, wait until it answers, supervise it, stop it for sure.
+
+``open_worker`` owns one task group for the worker's life: the channel's reader, the
+process supervisor and the two output pumps. It yields only once the child echoed a
+heartbeat, and on the way out it always reaps the child (shutdown, grace, SIGTERM, SIGKILL),
+shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+import zmq
+
+from . import _messages as m
+from ._child import PARENT_FD_ENV, PORT_ENV, WORKER_MODE_ENV
+from ._errors import WorkerDied, WorkerStartError
+from ._parent import SpawnOptions, Stream, Worker, WorkerCore, log
+from ._transport import Channel, bind_ephemeral, new_socket
+
+STDERR_TAIL_LINES: Final = 20
+_STDERR_SETTLE_SECONDS: Final = 0.25
+"""After the child exits, how long to wait for the rest of its stderr (for the error text)."""
+
+_INTERPRETERS: Final = {".py": None, ".js": "node", ".mjs": "node", ".cjs": "node", ".ts": "tsx"}
+
+
+def build_argv(script: str | os.PathLike[str], executable: str | None) -> list[str]:
+    """argv for a worker: ``[executable, script, "--worker"]``, or ``[script]`` if compiled."""
+    path = os.fspath(script)
+    if executable is not None:
+        return [executable, path, "--worker"]
+    suffix = Path(path).suffix.lower()
+    if suffix in _INTERPRETERS:
+        interpreter = _INTERPRETERS[suffix]
+        if interpreter is None:
+            return [sys.executable, path, "--worker"]
+        found = shutil.which(interpreter)
+        if found is None:
+            raise WorkerStartError(f"cannot start {path}: {interpreter!r} is not on PATH")
+        return [found, path, "--worker"]
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return [os.path.abspath(path)]
+    return [sys.executable, path, "--worker"]
+
+
+class _ChildOutput:
+    """Drains the child's raw stdout/stderr pipes (so its writes never block) and keeps
+    the last lines of stderr for error messages."""
+
+    def __init__(self, core: WorkerCore) -> None:
+        self._core = core
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.stderr_closed = anyio.Event()
+
+    async def pump(self, stream: anyio.abc.ByteReceiveStream, kind: Stream) -> None:
+        buffered = b""
+        try:
+            async for chunk in stream:
+                *lines, buffered = (buffered + chunk).split(b"\n")
+                for raw in lines:
+                    self._line(kind, raw)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+        finally:
+            if buffered:
+                self._line(kind, buffered)
+            if kind == "stderr":
+                self.stderr_closed.set()
+
+    def _line(self, kind: Stream, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if kind == "stderr":
+            self.tail.append(line)
+        self._core.emit_output(kind, line)
+
+    def tail_text(self) -> str:
+        return "\n".join(self.tail)
+
+
+@asynccontextmanager
+async def open_worker(
+    script: str | os.PathLike[str],
+    executable: str | None = None,
+    *,
+    options: SpawnOptions | None = None,
+) -> AsyncIterator[Worker]:
+    """Start ``script`` as a worker process and yield a :class:`Worker` once it answers.
+
+    The default executable is this interpreter for ``.py``, node for ``.js``/``.mjs`` and the
+    script itself when it is an executable file. Leaving the block stops the child
+    (``shutdown``, then SIGTERM, then SIGKILL) and reaps it before returning, also on error
+    or cancellation. Raises :class:`WorkerStartError` if the child cannot start or never
+    answers within ``options.start_timeout``.
+    """
+    options = options or SpawnOptions()
+    argv = build_argv(script, executable)
+    name = Path(os.fspath(script)).name
+    core = WorkerCore(name, options)
+    sock = new_socket(zmq.DEALER)
+    try:
+        port = bind_ephemeral(sock)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    channel = Channel(sock, core.on_frames)
+    core.attach(channel)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(channel.run)
+            process = await _start_process(argv, port, options, core)
+            try:
+                output = _ChildOutput(core)
+                assert process.stdout is not None and process.stderr is not None
+                tg.start_soon(output.pump, process.stdout, "stdout")
+                tg.start_soon(output.pump, process.stderr, "stderr")
+                exited = anyio.Event()
+                tg.start_soon(_supervise, process, core, output, exited)
+                await _wait_ready(core, process, output, options.start_timeout)
+                log.debug("worker %s ready", name, extra={"worker": name, "pid": process.pid})
+                yield Worker._for(core)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _stop(process, core, options, exited)
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single_error(group) from None
+    finally:
+        channel.close()
+
+
+async def _start_process(
+    argv: Sequence[str], port: int, options: SpawnOptions, core: WorkerCore
+) -> anyio.abc.Process:
+    """Start the child with the protocol's environment and a parent-death pipe."""
+    env = {**os.environ, **options.env, PORT_ENV: str(port), WORKER_MODE_ENV: "1"}
+    death_read, death_write = os.pipe()
+    env[PARENT_FD_ENV] = str(death_read)
+    try:
+        process = await anyio.open_process(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=options.cwd,
+            env=env,
+            pass_fds=(death_read,),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        os.close(death_write)
+        raise WorkerStartError(f"cannot start {' '.join(argv)}: {exc}") from exc
+    finally:
+        os.close(death_read)
+    # The write end lives as long as this process: when it dies, the child reads EOF.
+    _death_pipes[process.pid] = death_write
+    core.pid = process.pid
+    return process
+
+
+_death_pipes: dict[int, int] = {}
+
+
+async def _supervise(
+    process: anyio.abc.Process,
+    core: WorkerCore,
+    output: _ChildOutput,
+    exited: anyio.Event,
+) -> None:
+    """Wait for the child to exit, then fail every pending call at once."""
+    try:
+        code = await process.wait()
+    finally:
+        exited.set()
+        fd = _death_pipes.pop(process.pid, None)
+        if fd is not None:
+            os.close(fd)
+    with anyio.move_on_after(_STDERR_SETTLE_SECONDS):
+        await output.stderr_closed.wait()
+    tail = output.tail_text()
+    message = f"worker {core.name} (pid {process.pid}) exited with code {code}"
+    if not core.failed:
+        log.debug(message, extra={"worker": core.name, "pid": process.pid, "exit_code": code})
+        core.fail_all(lambda: WorkerDied(message, exit_code=code, stderr_tail=tail))
+
+
+async def _wait_ready(
+    core: WorkerCore, process: anyio.abc.Process, output: _ChildOutput, timeout: float
+) -> None:
+    """Readiness = the child echoed a heartbeat (every peer does); no fixed sleeps."""
+    try:
+        with anyio.fail_after(timeout):
+            await core.ping()
+    except TimeoutError:
+        raise WorkerStartError(
+            f"worker {core.name} did not answer within {timeout} s",
+            exit_code=process.returncode,
+            stderr_tail=output.tail_text(),
+        ) from None
+    except WorkerDied as died:
+        raise WorkerStartError(
+            f"worker {core.name} exited during start-up with code {died.exit_code}",
+            exit_code=died.exit_code,
+            stderr_tail=died.stderr_tail,
+        ) from None
+
+
+async def _stop(
+    process: anyio.abc.Process, core: WorkerCore, options: SpawnOptions, exited: anyio.Event
+) -> None:
+    """shutdown -> grace -> SIGTERM -> grace -> SIGKILL; returns once the child is reaped."""
+    if process.returncode is None:
+        core.send_nowait(m.make_shutdown())
+        with anyio.move_on_after(options.shutdown_grace):
+            await exited.wait()
+    if process.returncode is None:
+        log.debug("worker %s ignored shutdown; sending SIGTERM", core.name)
+        _signal(process, terminate=True)
+        with anyio.move_on_after(options.kill_grace):
+            await exited.wait()
+    if process.returncode is None:
+        log.debug("worker %s ignored SIGTERM; sending SIGKILL", core.name)
+        _signal(process, terminate=False)
+        await exited.wait()
+    if not core.failed:
+        core.fail_all(lambda: WorkerDied(f"worker {core.name} was stopped"))
+    await process.aclose()
+
+
+def _signal(process: anyio.abc.Process, *, terminate: bool) -> None:
+    try:
+        if terminate:
+            process.terminate()
+        else:
+            process.kill()
+    except ProcessLookupError:
+        pass
+
+
+def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error of a task group, not wrapped (cancellations are not real errors)."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    real = [exc for exc in leaves if not isinstance(exc, anyio.get_cancelled_exc_class())]
+    if len(real) == 1:
+        return real[0]
+    if not real and leaves:
+        return leaves[0]
+    return group

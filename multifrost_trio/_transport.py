@@ -1,0 +1,183 @@
+"""A pyzmq socket driven from an event loop through ``anyio.wait_readable``.
+
+libzmq's ``ZMQ_FD`` only signals when the socket's command mailbox changes, and any zmq call
+(send, recv, reading ``EVENTS``) may consume that signal while messages stay queued. So:
+exactly one task (``run``) sleeps on the fd; every zmq call made here is followed by a drain
+(``recv`` until ``Again``) before anyone may sleep again; a sender that meets ``Again`` waits
+for the reader to see ``POLLOUT``. Flags are plain ints: pyzmq's enum arithmetic is
+measurable on this path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import anyio
+import zmq
+
+from ._messages import MAX_MESSAGE_BYTES
+
+log = logging.getLogger("multifrost_trio.transport")
+
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_SNDMORE: Final = int(zmq.SNDMORE)
+_RCVMORE: Final = int(zmq.RCVMORE)
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLOUT: Final = int(zmq.POLLOUT)
+_AGAIN: Final = zmq.Again
+
+CLOSE_LINGER_MS: Final = 200
+"""How long libzmq keeps trying to deliver queued frames (e.g. a final ``shutdown``) after
+close; it never blocks the caller, the io thread does it."""
+
+FrameHandler = Callable[[list[bytes]], None]
+
+
+def context() -> zmq.Context[zmq.Socket[bytes]]:
+    """The process-wide zmq context (never terminated on an event loop thread)."""
+    return zmq.Context.instance()
+
+
+def new_socket(kind: int) -> zmq.Socket[bytes]:
+    """A socket with the options every socket here needs."""
+    sock = context().socket(kind)
+    sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+    # libzmq refuses (and disconnects) far larger frames before allocating them; frames
+    # between the two bounds are dropped and counted by the decoder.
+    sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_MESSAGE_BYTES)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    return sock
+
+
+def bind_ephemeral(sock: zmq.Socket[bytes], host: str = "127.0.0.1") -> int:
+    """Bind to an OS-chosen port in one step and return it (no find-a-free-port race)."""
+    sock.bind(f"tcp://{host}:0")
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+class ChannelClosed(Exception):
+    """The channel was closed while a sender waited."""
+
+
+class _SendWaiter:
+    __slots__ = ("error", "event")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class Channel:
+    """One zmq socket, its reader loop and its senders.
+
+    ``on_frames`` is called synchronously for every received multipart message, from
+    whichever task drained the socket; it must not block or raise.
+    """
+
+    def __init__(self, sock: zmq.Socket[bytes], on_frames: FrameHandler) -> None:
+        self.sock = sock
+        self._on_frames = on_frames
+        self._fd: int = sock.getsockopt(zmq.FD)
+        self._draining = False
+        self._closed = False
+        self._send_waiters: list[_SendWaiter] = []
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def drain(self) -> None:
+        """Receive and hand over every message already queued; never sleeps."""
+        if self._draining or self._closed:
+            return
+        self._draining = True
+        sock = self.sock
+        recv = sock.recv
+        getsockopt = sock.getsockopt
+        on_frames = self._on_frames
+        try:
+            while True:
+                try:
+                    frames = [recv(_NOBLOCK)]
+                except _AGAIN:
+                    break
+                while getsockopt(_RCVMORE):
+                    frames.append(recv(_NOBLOCK))
+                on_frames(frames)
+        finally:
+            self._draining = False
+        if self._send_waiters and getsockopt(_EVENTS) & _POLLOUT:
+            self._wake_senders(None)
+
+    async def run(self) -> None:
+        """The reader: the only task that sleeps on the socket's fd. Returns once closed."""
+        fd = self._fd
+        while not self._closed:
+            self.drain()
+            try:
+                await anyio.wait_readable(fd)
+            except (anyio.ClosedResourceError, OSError):
+                if self._closed:
+                    return
+                raise
+
+    def try_send(self, frames: Sequence[bytes]) -> bool:
+        """Send without waiting; False when the peer's queue is full (or no peer yet).
+
+        Raises ``zmq.ZMQError`` (EHOSTUNREACH) when a ROUTER names an unknown peer.
+        """
+        if self._closed:
+            raise ChannelClosed("channel is closed")
+        send = self.sock.send
+        last = len(frames) - 1
+        try:
+            send(frames[0], _NOBLOCK | _SNDMORE if last else _NOBLOCK)
+        except _AGAIN:
+            self.drain()
+            return False
+        for index in range(1, last + 1):
+            send(frames[index], _NOBLOCK | _SNDMORE if index < last else _NOBLOCK)
+        self.drain()
+        return True
+
+    async def send(self, frames: Sequence[bytes]) -> None:
+        """Send, waiting (cancellably) while the peer's queue is full."""
+        while not self.try_send(frames):
+            await self._wait_writable()
+
+    async def _wait_writable(self) -> None:
+        waiter = _SendWaiter()
+        self._send_waiters.append(waiter)
+        try:
+            if self.sock.getsockopt(_EVENTS) & _POLLOUT:
+                return
+            self.drain()
+            await waiter.event.wait()
+            if waiter.error is not None:
+                raise waiter.error
+        finally:
+            if waiter in self._send_waiters:
+                self._send_waiters.remove(waiter)
+
+    def _wake_senders(self, error: BaseException | None) -> None:
+        waiters, self._send_waiters = self._send_waiters, []
+        for waiter in waiters:
+            waiter.error = error
+            waiter.event.set()
+
+    def abort_senders(self, error: BaseException) -> None:
+        """Make every sender currently waiting for room raise ``error`` (e.g. the peer died)."""
+        self._wake_senders(error)
+
+    def close(self) -> None:
+        """Wake the reader and waiting senders, then close the socket (bounded linger)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake_senders(ChannelClosed("channel is closed"))
+        anyio.notify_closing(self._fd)
+        self.sock.close(linger=CLOSE_LINGER_MS)

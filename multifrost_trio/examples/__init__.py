@@ -1,0 +1,1 @@
+"""Example workers shipped with the package (the demo uses ``math_worker``)."""

@@ -74,27 +74,29 @@ class ChildCounters:
 
 
 class _SyncJob:
-    __slots__ = ("abandoned", "args", "func", "result", "task")
+    __slots__ = ("abandoned", "call", "failed", "identity", "method", "payload")
 
-    def __init__(self, func: Callable[..., Any], args: list[Any], task: trio.lowlevel.Task):
-        self.func = func
-        self.args = args
-        self.task = task
+    def __init__(self, identity: bytes, call: m.CallMessage, method: Callable[..., Any]) -> None:
+        self.identity = identity
+        self.call = call
+        self.method = method
         self.abandoned = False
-        self.result: outcome.Outcome[Any] | None = None
+        self.failed = False
+        self.payload = b""
 
 
 class _ThreadRunner:
     """Persistent worker threads for sync handlers.
 
-    Jobs go through one queue; results come back in batches through a single
-    ``run_sync_soon`` per batch, which wakes the waiting tasks directly (no per-call thread,
-    no per-result loop wake-up). A thread is added only when a job arrives and none is idle.
+    A job goes through one queue; the thread runs the handler and also encodes the reply,
+    then hands finished jobs back in batches through a single ``run_sync_soon`` per batch.
+    No task and no thread is created per call; a thread is added only when a job arrives
+    and none is idle (up to ``max_threads``).
     """
 
-    def __init__(self, max_threads: int, counters: ChildCounters) -> None:
+    def __init__(self, max_threads: int, on_done: Callable[[_SyncJob], None]) -> None:
         self._max_threads = max_threads
-        self._counters = counters
+        self._on_done = on_done
         self._jobs: queue.SimpleQueue[_SyncJob] = queue.SimpleQueue()
         self._done: collections.deque[_SyncJob] = collections.deque()
         self._lock = threading.Lock()
@@ -103,10 +105,9 @@ class _ThreadRunner:
         self._delivery_scheduled = False
         self._token: trio.lowlevel.TrioToken | None = None
 
-    async def run(self, func: Callable[..., Any], args: list[Any]) -> Any:
+    def submit(self, job: _SyncJob) -> None:
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
-        job = _SyncJob(func, args, trio.lowlevel.current_task())
         with self._lock:
             spawn = self._idle == 0 and self._threads < self._max_threads
             if spawn:
@@ -114,12 +115,6 @@ class _ThreadRunner:
         if spawn:
             threading.Thread(target=self._work, name="multifrost-sync", daemon=True).start()
         self._jobs.put(job)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            job.abandoned = True
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _work(self) -> None:
         jobs, done, lock = self._jobs, self._done, self._lock
@@ -129,10 +124,16 @@ class _ThreadRunner:
             job = jobs.get()
             with lock:
                 self._idle -= 1
-            if job.abandoned:
-                self._counters.abandoned_results += 1
-                continue
-            job.result = outcome.capture(job.func, *job.args)
+            if not job.abandoned:
+                call = job.call
+                try:
+                    reply = m.make_response(call.id, job.method(*call.args))
+                except Exception as exc:
+                    job.failed = True
+                    reply = m.make_error(
+                        call.id, m.format_exception_text(exc, traceback.format_exc())
+                    )
+                job.payload = m.encode_from_thread(reply)
             done.append(job)
             if not self._delivery_scheduled:
                 self._delivery_scheduled = True
@@ -144,13 +145,9 @@ class _ThreadRunner:
 
     def _deliver(self) -> None:
         self._delivery_scheduled = False
-        done = self._done
+        done, on_done = self._done, self._on_done
         while done:
-            job = done.popleft()
-            if job.abandoned:
-                self._counters.abandoned_results += 1
-            else:
-                trio.lowlevel.reschedule(job.task, job.result)  # type: ignore[arg-type]
+            on_done(done.popleft())
 
 
 class _OutputForwarder(io.TextIOBase):
@@ -270,10 +267,12 @@ class ChildWorker:
         self._channel: Channel | None = None
         self._parents: dict[bytes, None] = {}
         self._running: dict[str, trio.CancelScope] = {}
+        self._sync_jobs: dict[str, _SyncJob] = {}
+        self._idle_tasks: list[trio.lowlevel.Task] = []
         self._backlog: collections.deque[tuple[bytes, m.CallMessage]] = collections.deque()
         self._active = 0
         self._nursery: trio.Nursery | None = None
-        self._threads = _ThreadRunner(self.sync_threads, self.counters)
+        self._threads = _ThreadRunner(self.sync_threads, self._sync_done)
         self._exit_scope: trio.CancelScope | None = None
 
     # ------------------------------------------------------------------ public surface
@@ -414,6 +413,10 @@ class ChildWorker:
             scope = self._running.get(message.id)
             if scope is not None:
                 scope.cancel()
+            job = self._sync_jobs.get(message.id)
+            if job is not None and not job.abandoned:
+                job.abandoned = True
+                self.counters.calls_cancelled += 1
         elif kind == "shutdown":
             log.debug("shutdown requested")
             self._stop()
@@ -430,47 +433,88 @@ class ChildWorker:
             self._reply_now(identity, m.make_error(call.id, _lookup_error(name)))
         elif kind == "inline":
             self._reply_now(identity, self._run_inline(call, name))  # type: ignore[arg-type]
-        elif self._active >= self.max_concurrency or self._nursery is None:
+        elif self._active >= self.max_concurrency:
             self._backlog.append((identity, call))
         else:
-            self._active += 1
-            self._nursery.start_soon(self._call_task, identity, call, kind)
+            self._dispatch(identity, call, kind)
 
-    def _run_inline(self, call: m.CallMessage, name: str) -> m.ResponseMessage | m.ErrorMessage:
+    def _dispatch(self, identity: bytes, call: m.CallMessage, kind: Kind) -> None:
+        """Start a thread or async call; the caller has checked capacity."""
+        self._active += 1
+        if kind == "thread":
+            job = _SyncJob(identity, call, getattr(self, call.function or ""))
+            self._sync_jobs[call.id] = job
+            self._threads.submit(job)
+        elif self._idle_tasks:
+            trio.lowlevel.reschedule(self._idle_tasks.pop(), outcome.Value((identity, call)))
+        elif self._nursery is not None:
+            self._nursery.start_soon(self._async_loop, identity, call)
+
+    def _release(self) -> None:
+        """A handler finished: start the oldest waiting call, if any."""
+        self._active -= 1
+        backlog = self._backlog
+        while backlog and self._active < self.max_concurrency:
+            identity, call = backlog.popleft()
+            self._dispatch(identity, call, self._functions.get(call.function or "", "thread"))
+
+    def _run_inline(self, call: m.CallMessage, name: str) -> m.WireMap:
         try:
-            result = getattr(self, name)(*call.args)
-            reply: m.ResponseMessage | m.ErrorMessage = m.make_response(call.id, result)
+            reply = m.make_response(call.id, getattr(self, name)(*call.args))
         except Exception as exc:
             self.counters.calls_failed += 1
             return m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
         self.counters.calls_succeeded += 1
         return reply
 
-    async def _call_task(self, identity: bytes, call: m.CallMessage, kind: Kind) -> None:
-        try:
-            while True:
-                await self._handle(identity, call, kind)
-                if not self._backlog:
-                    return
-                identity, call = self._backlog.popleft()
-                found = self._functions.get(call.function or "")
-                kind = found if found is not None else "thread"
-        finally:
-            self._active -= 1
+    def _sync_done(self, job: _SyncJob) -> None:
+        """A thread finished ``job`` (called on the trio thread, in batches)."""
+        self._sync_jobs.pop(job.call.id, None)
+        if job.abandoned:
+            self.counters.abandoned_results += 1
+        else:
+            if job.failed:
+                self.counters.calls_failed += 1
+            else:
+                self.counters.calls_succeeded += 1
+            self._send_now(job.identity, job.payload)
+        self._release()
 
-    async def _handle(self, identity: bytes, call: m.CallMessage, kind: Kind) -> None:
+    async def _async_loop(self, identity: bytes, call: m.CallMessage) -> None:
+        """A pooled handler task: run a call, then park until given the next one.
+
+        Waking a parked task is far cheaper than starting one per call.
+        """
+        task = trio.lowlevel.current_task()
+        idle = self._idle_tasks
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            idle.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            await self._run_async(identity, call)
+            self._active -= 1
+            backlog = self._backlog
+            while backlog and self._active < self.max_concurrency:
+                next_identity, next_call = backlog.popleft()
+                kind = self._functions.get(next_call.function or "", "thread")
+                if kind == "async":
+                    self._active += 1
+                    identity, call = next_identity, next_call
+                    break
+                self._dispatch(next_identity, next_call, kind)
+            else:
+                idle.append(task)
+                identity, call = await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _run_async(self, identity: bytes, call: m.CallMessage) -> None:
         method = getattr(self, call.function or "")
-        reply: m.ResponseMessage | m.ErrorMessage | None = None
+        reply: m.WireMap | None = None
         with trio.CancelScope() as scope:
             self._running[call.id] = scope
             try:
-                if kind == "async":
-                    result = await method(*call.args)
-                elif kind == "thread":
-                    result = await self._threads.run(method, call.args)
-                else:
-                    result = method(*call.args)
-                reply = m.make_response(call.id, result)
+                reply = m.make_response(call.id, await method(*call.args))
                 self.counters.calls_succeeded += 1
             except Exception as exc:
                 self.counters.calls_failed += 1
@@ -479,15 +523,16 @@ class ChildWorker:
                 del self._running[call.id]
         if scope.cancelled_caught:
             self.counters.calls_cancelled += 1
-            return
-        if reply is not None:
+        elif reply is not None:
             await self._send(identity, reply)
 
     # ------------------------------------------------------------------ sending
 
-    def _reply_now(self, identity: bytes, message: m.Message) -> None:
+    def _reply_now(self, identity: bytes, message: m.WireMap) -> None:
         """Send from a sync context; a full peer queue hands the send to a task."""
-        payload = m.encode(message)
+        self._send_now(identity, m.encode(message))
+
+    def _send_now(self, identity: bytes, payload: bytes) -> None:
         try:
             if self._channel is not None and self._channel.try_send([identity, b"", payload]):
                 return
@@ -497,7 +542,7 @@ class ChildWorker:
         if self._nursery is not None:
             self._nursery.start_soon(self._send_payload, identity, payload)
 
-    async def _send(self, identity: bytes, message: m.Message) -> None:
+    async def _send(self, identity: bytes, message: m.WireMap) -> None:
         await self._send_payload(identity, m.encode(message))
 
     async def _send_payload(self, identity: bytes, payload: bytes) -> None:
@@ -510,7 +555,7 @@ class ChildWorker:
             self.counters.replies_undeliverable += 1
             self._parents.pop(identity, None)
 
-    async def _send_to_parents(self, message: m.Message) -> None:
+    async def _send_to_parents(self, message: m.WireMap) -> None:
         payload = m.encode(message)
         for identity in list(self._parents):
             await self._send_payload(identity, payload)

@@ -25,6 +25,7 @@ import zmq
 from . import _messages as m
 from ._child import PARENT_FD_ENV, PORT_ENV, WORKER_MODE_ENV
 from ._errors import WorkerDied, WorkerStartError
+from ._health import heartbeat_loop
 from ._parent import SpawnOptions, Stream, Worker, WorkerCore, log
 from ._transport import Channel, bind_ephemeral, new_socket
 
@@ -128,6 +129,7 @@ async def open_worker(
                 tg.start_soon(_supervise, process, core, output, exited)
                 await _wait_ready(core, process, output, options.start_timeout)
                 log.debug("worker %s ready", name, extra={"worker": name, "pid": process.pid})
+                tg.start_soon(heartbeat_loop, core)
                 yield Worker._for(core)
             finally:
                 with anyio.CancelScope(shield=True):

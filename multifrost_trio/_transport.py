@@ -25,6 +25,7 @@ _NOBLOCK: Final = int(zmq.NOBLOCK)
 _SNDMORE: Final = int(zmq.SNDMORE)
 _RCVMORE: Final = int(zmq.RCVMORE)
 _EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
 _POLLOUT: Final = int(zmq.POLLOUT)
 _AGAIN: Final = zmq.Again
 
@@ -100,17 +101,15 @@ class Channel:
         getsockopt = sock.getsockopt
         on_frames = self._on_frames
         try:
-            while True:
-                try:
-                    frames = [recv(_NOBLOCK)]
-                except _AGAIN:
-                    break
+            # Reading EVENTS is cheaper than provoking zmq.Again, whose construction is slow.
+            while (events := getsockopt(_EVENTS)) & _POLLIN:
+                frames = [recv(_NOBLOCK)]
                 while getsockopt(_RCVMORE):
                     frames.append(recv(_NOBLOCK))
                 on_frames(frames)
         finally:
             self._draining = False
-        if self._send_waiters and getsockopt(_EVENTS) & _POLLOUT:
+        if self._send_waiters and events & _POLLOUT:
             self._wake_senders(None)
 
     async def run(self) -> None:

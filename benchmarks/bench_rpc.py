@@ -1,0 +1,233 @@
+"""Round-trip latency and throughput of multifrost_trio against a raw pyzmq floor.
+
+The floor is a blocking pyzmq DEALER (this process) and ROUTER (a child process) exchanging
+the same msgpack maps the protocol uses. Rounds interleave floor and library measurements so
+machine noise hits both; the table shows medians and ratios (library / floor for latency,
+library / floor for throughput).
+
+    python benchmarks/bench_rpc.py [--rounds 5] [--calls 3000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+import zmq
+
+import multifrost_trio as mf
+from multifrost_trio import _messages
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "bench_worker.py"
+IN_FLIGHT = 100
+
+
+# --------------------------------------------------------------------------- floor
+
+
+def _floor_server(port: int) -> None:
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    while True:
+        identity, empty, payload = sock.recv_multipart()
+        request = msgpack.unpackb(payload, raw=False)
+        if request["type"] == "shutdown":
+            return
+        a, b = request["args"]
+        reply = {
+            "app": "comlink_ipc_v4",
+            "id": request["id"],
+            "type": "response",
+            "timestamp": time.time(),
+            "result": a + b,
+        }
+        sock.send_multipart([identity, empty, msgpack.packb(reply, use_bin_type=True)])
+
+
+def _floor_request(i: int) -> bytes:
+    return msgpack.packb(
+        {
+            "app": "comlink_ipc_v4",
+            "id": str(uuid.uuid4()),
+            "type": "call",
+            "timestamp": time.time(),
+            "function": "add",
+            "args": [i, 1],
+            "namespace": "default",
+        },
+        use_bin_type=True,
+    )
+
+
+class Floor:
+    """Blocking DEALER in this process talking to a ROUTER echo child."""
+
+    def __init__(self) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:0")
+        port = int(self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self.proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)])
+
+    def _exchange(self) -> None:
+        _, payload = self.sock.recv_multipart()
+        msgpack.unpackb(payload, raw=False)
+
+    def sequential(self, calls: int) -> float:
+        """Median seconds per round trip."""
+        samples = []
+        for i in range(calls):
+            start = time.perf_counter()
+            self.sock.send_multipart([b"", _floor_request(i)])
+            self._exchange()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    def pipelined(self, calls: int) -> float:
+        """Calls per second with IN_FLIGHT requests outstanding."""
+        start = time.perf_counter()
+        for i in range(IN_FLIGHT):
+            self.sock.send_multipart([b"", _floor_request(i)])
+        for i in range(calls):
+            self._exchange()
+            if i + IN_FLIGHT < calls:
+                self.sock.send_multipart([b"", _floor_request(i)])
+        return calls / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        shutdown = {"app": "comlink_ipc_v4", "id": "x", "type": "shutdown", "timestamp": 0.0}
+        self.sock.send_multipart([b"", msgpack.packb(shutdown)])
+        self.proc.wait(timeout=10)
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- library
+
+
+async def lib_sequential(worker: mf.Worker, function: str, calls: int) -> float:
+    samples = []
+    call = worker.call
+    for i in range(calls):
+        start = time.perf_counter()
+        await call(function, i, 1)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+async def lib_pipelined(worker: mf.Worker, function: str, calls: int) -> float:
+    per_task = calls // IN_FLIGHT
+    call = worker.call
+
+    async def run() -> None:
+        for i in range(per_task):
+            await call(function, i, 1)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(IN_FLIGHT):
+            nursery.start_soon(run)
+    return per_task * IN_FLIGHT / (time.perf_counter() - start)
+
+
+def spawn_to_ready() -> float:
+    async def once() -> float:
+        start = time.perf_counter()
+        async with mf.open_worker(WORKER):
+            return time.perf_counter() - start
+
+    return trio.run(once)
+
+
+def import_time() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import multifrost_trio"], check=True)
+    return time.perf_counter() - start
+
+
+def codec_us(repeat: int = 20000) -> float:
+    """Encode + decode of one call message through the wire models, in microseconds."""
+    start = time.perf_counter()
+    for i in range(repeat):
+        payload = _messages.encode(_messages.make_call("add", (i, 1)))
+        _messages.decode(payload)
+    return (time.perf_counter() - start) / repeat * 1e6
+
+
+KINDS = {"async": "add_async", "inline": "add_inline", "thread": "add_sync"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--heartbeat", type=float, default=None,
+                        help="heartbeat interval for the library worker (default: its default)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floor_server:
+        _floor_server(args.floor_server)
+        return
+
+    results: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        results.setdefault(key, []).append(value)
+
+    options = mf.SpawnOptions() if args.heartbeat is None else mf.SpawnOptions(
+        heartbeat_interval=args.heartbeat
+    )
+    floor = Floor()
+    try:
+        for _ in range(args.rounds):
+            add("floor_seq", floor.sequential(args.calls))
+            add("floor_tput", floor.pipelined(args.calls * 3))
+
+            async def library_round() -> None:
+                async with mf.open_worker(WORKER, options=options) as worker:
+                    await lib_sequential(worker, "add_async", 200)  # warm-up
+                    for kind, function in KINDS.items():
+                        add(f"{kind}_seq", await lib_sequential(worker, function, args.calls))
+                        add(f"{kind}_tput", await lib_pipelined(worker, function, args.calls * 3))
+
+            trio.run(library_round)
+            add("spawn_ready", spawn_to_ready())
+            add("import", import_time())
+        add("codec_us", codec_us())
+    finally:
+        floor.close()
+
+    med = {key: statistics.median(values) for key, values in results.items()}
+    rows = []
+    for kind in KINDS:
+        seq_ratio = med[f"{kind}_seq"] / med["floor_seq"]
+        tput_ratio = med[f"{kind}_tput"] / med["floor_tput"]
+        rows.append((kind, med[f"{kind}_seq"] * 1e6, seq_ratio, med[f"{kind}_tput"], tput_ratio))
+    spawn_ratio = med["spawn_ready"] / med["import"]
+    if args.json:
+        print(json.dumps({"medians": med, "rounds": args.rounds, "calls": args.calls}, indent=2))
+        return
+    print(f"rounds={args.rounds} calls={args.calls} in_flight={IN_FLIGHT} cpus={os.cpu_count()}")
+    print(f"floor (raw pyzmq): sequential {med['floor_seq'] * 1e6:.1f} us, "
+          f"pipelined {med['floor_tput']:.0f} calls/s")
+    print(f"{'handler':<8} {'seq us':>8} {'seq x floor':>12} {'calls/s@100':>12} {'tput x floor':>13}")
+    for kind, seq_us, seq_ratio, tput, tput_ratio in rows:
+        print(f"{kind:<8} {seq_us:8.1f} {seq_ratio:12.2f} {tput:12.0f} {tput_ratio:13.2f}")
+    print(f"spawn-to-ready {med['spawn_ready'] * 1e3:.0f} ms vs import {med['import'] * 1e3:.0f} ms"
+          f" -> {spawn_ratio:.2f}x")
+    print(f"codec: encode+decode of one call message {med['codec_us']:.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,8 @@ Speaks the Multifrost v4 wire protocol, so its parents and workers also talk to 
 JavaScript, Go, Rust and Python/asyncio implementations.
 """
 
+import logging as _logging
+
 from ._child import ChildCounters, ChildWorker, inline
 from ._errors import (
     CallTimeout,
@@ -20,6 +22,10 @@ from ._parent import OutputSink, SpawnOptions, Worker
 from ._spawn import open_worker
 
 __version__ = "0.1.0"
+
+# Silent unless the application configures logging (also keeps logging's last-resort
+# handler from printing our warnings to stderr).
+_logging.getLogger("multifrost_trio").addHandler(_logging.NullHandler())
 
 __all__ = [
     "CallTimeout",

@@ -164,13 +164,30 @@ class _OutputForwarder(io.TextIOBase):
         self._pump = pump
         self._original = original
 
+        self._partial = ""
+        self._lock = threading.Lock()
+
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        if text:
-            self._pump.push(self.stream, text)
+        """Buffer ``text``; complete lines go out (print() writes text and newline apart)."""
+        if not text:
+            return 0
+        with self._lock:
+            self._partial += text
+            cut = self._partial.rfind("\n") + 1
+            if not cut:
+                return len(text)
+            lines, self._partial = self._partial[:cut], self._partial[cut:]
+        self._pump.push(self.stream, lines)
         return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            rest, self._partial = self._partial, ""
+        if rest:
+            self._pump.push(self.stream, rest)
 
     def fileno(self) -> int:
         return int(self._original.fileno())
@@ -218,6 +235,20 @@ class _OutputPump:
             else:
                 merged.append((stream, text))
         return merged
+
+    def flush_now(self) -> None:
+        """Send pending output without waiting (before a reply, so a call's printed lines
+        reach the parent before its result); what does not fit waits for ``run``."""
+        if not self._pending:
+            return
+        batch = self._take()
+        for index, (stream, text) in enumerate(batch):
+            if not self._worker._try_send_to_parents(m.make_output(stream, text)):
+                with self._lock:
+                    self._pending[:0] = batch[index:]
+                    self._pending_bytes += sum(len(text) for _, text in batch[index:])
+                self._wakeup.set()
+                return
 
     async def run(self) -> None:
         while True:
@@ -274,6 +305,7 @@ class ChildWorker:
         self._nursery: trio.Nursery | None = None
         self._threads = _ThreadRunner(self.sync_threads, self._sync_done)
         self._exit_scope: trio.CancelScope | None = None
+        self._output: _OutputPump | None = None
 
     # ------------------------------------------------------------------ public surface
 
@@ -336,7 +368,7 @@ class ChildWorker:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._exit_scope = nursery.cancel_scope
-                pump = _OutputPump(self)
+                pump = self._output = _OutputPump(self)
                 sys.stdout = _OutputForwarder("stdout", pump, original_streams[0])
                 sys.stderr = _OutputForwarder("stderr", pump, original_streams[1])
                 nursery.start_soon(pump.run)
@@ -347,8 +379,14 @@ class ChildWorker:
                     nursery.start_soon(self._watch_parent)
                 log.debug("worker serving", extra={"pid": os.getpid()})
         finally:
+            for forwarder in (sys.stdout, sys.stderr):
+                if isinstance(forwarder, _OutputForwarder):
+                    forwarder.flush()
+            if self._output is not None:
+                self._output.flush_now()
             sys.stdout, sys.stderr = original_streams
             self._nursery = None
+            self._output = None
             channel.close()
 
     def _stop(self) -> None:
@@ -533,6 +571,8 @@ class ChildWorker:
         self._send_now(identity, m.encode(message))
 
     def _send_now(self, identity: bytes, payload: bytes) -> None:
+        if self._output is not None:
+            self._output.flush_now()
         try:
             if self._channel is not None and self._channel.try_send([identity, b"", payload]):
                 return
@@ -546,6 +586,8 @@ class ChildWorker:
         await self._send_payload(identity, m.encode(message))
 
     async def _send_payload(self, identity: bytes, payload: bytes) -> None:
+        if self._output is not None:
+            self._output.flush_now()
         channel = self._channel
         if channel is None or channel.closed:
             return
@@ -557,8 +599,28 @@ class ChildWorker:
 
     async def _send_to_parents(self, message: m.WireMap) -> None:
         payload = m.encode(message)
+        channel = self._channel
         for identity in list(self._parents):
-            await self._send_payload(identity, payload)
+            if channel is None or channel.closed:
+                return
+            try:
+                await channel.send([identity, b"", payload])
+            except zmq.ZMQError:
+                self._parents.pop(identity, None)
+
+    def _try_send_to_parents(self, message: m.WireMap) -> bool:
+        """Send to every known parent without waiting; False if one had no room."""
+        payload = m.encode(message)
+        channel = self._channel
+        for identity in list(self._parents):
+            if channel is None or channel.closed:
+                return True
+            try:
+                if not channel.try_send([identity, b"", payload]):
+                    return False
+            except zmq.ZMQError:
+                self._parents.pop(identity, None)
+        return True
 
 
 _BASE_NAMES: Final = frozenset(

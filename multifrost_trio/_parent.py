@@ -212,7 +212,8 @@ class WorkerCore:
                 slot.resolve(None)
                 return
         elif kind == "stdout" or kind == "stderr":
-            for line in message.output.splitlines() or [""]:  # type: ignore[union-attr]
+            text: str = message.output  # type: ignore[union-attr]
+            for line in text.removesuffix("\n").splitlines() if text else ():
                 self.emit_output(kind, line)
             return
         else:

@@ -1,0 +1,58 @@
+"""Shared fixtures: worker script paths, the anyio backends, and a no-orphans check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def worker_path(name: str) -> str:
+    """Path of a test worker script in tests/workers/."""
+    return str(WORKERS / name)
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run parent-side tests on both backends."""
+    return str(request.param)
+
+
+def _children() -> set[int]:
+    """Live (non-zombie) child processes of this test process."""
+    me = os.getpid()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, ppid = fields[0], int(fields[1])
+        if ppid == me and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Every test must reap what it spawned; a survivor fails the test (and is killed)."""
+    before = _children() if sys.platform == "linux" else set()
+    yield
+    if sys.platform != "linux":
+        return
+    left = _children() - before
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"test left child processes behind: {sorted(left)}"

@@ -1,0 +1,231 @@
+"""Calls through a real worker process, on trio and asyncio."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import anyio
+import pytest
+
+import multifrost_trio as mf
+from tests.conftest import worker_path
+
+pytestmark = pytest.mark.anyio
+ECHO = worker_path("echo_worker.py")
+QUIET = mf.SpawnOptions(output=lambda stream, line: None)
+
+
+PORTABLE_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -(2**63),
+    2**63 - 1,
+    1.5,
+    -0.0,
+    "",
+    "héllo ✓",
+    b"",
+    b"\x00\xffbytes",
+    [],
+    [1, "two", 3.0, None, b"4"],
+    {},
+    {"nested": {"list": [1, [2, [3, {"deep": b"x"}]]], "empty": {}}},
+]
+
+
+async def test_portable_values_round_trip() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            for value in PORTABLE_VALUES:
+                assert await worker.call("echo", value) == value
+                assert await worker.call.echo_sync(value) == value
+
+
+async def test_tuples_become_lists_and_non_finite_floats_become_none() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            sent = (1, (math.nan, math.inf), {"x": -math.inf, "y": [math.nan]})
+            assert await worker.call.echo(sent) == [1, [None, None], {"x": None, "y": [None]}]
+
+
+async def test_int_beyond_int64_raises_locally_before_sending() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            for bad in (2**63, -(2**63) - 1, [1, {"k": 2**70}]):
+                with pytest.raises(mf.EncodeError, match="int64"):
+                    await worker.call.echo(bad)
+            with pytest.raises(mf.EncodeError, match="str"):
+                await worker.call.echo({1: "x"})
+            with pytest.raises(mf.EncodeError):
+                await worker.call.echo(object())
+            snapshot = worker.metrics()
+            assert snapshot.requests_total == 0
+            # Nothing reached the child: the only call it ever saw is this one.
+            assert (await worker.call.stats())["calls_started"] == 1
+
+
+async def test_remote_errors_carry_type_message_and_traceback() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            with pytest.raises(mf.RemoteCallError) as info:
+                await worker.call.fail("it broke")
+            error = info.value
+            assert error.remote_type == "ValueError"
+            assert error.remote_message == "it broke"
+            assert "Traceback" in error.remote_traceback
+            assert "raise ValueError" in error.remote_traceback
+            assert isinstance(error, mf.MultifrostError)
+            assert await worker.call.add(1, 2) == 3
+
+
+async def test_child_error_texts_for_bad_function_names() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            with pytest.raises(mf.RemoteCallError, match="not found"):
+                await worker.call.nope()
+            with pytest.raises(mf.RemoteCallError, match="private"):
+                await worker.call("_private")
+            for base_helper in ("run", "serve"):
+                with pytest.raises(mf.RemoteCallError, match="not found"):
+                    await worker.call(base_helper)
+            with pytest.raises(mf.RemoteCallError, match="TypeError"):
+                await worker.call.add(1)
+            functions = await worker.list_functions()
+            assert "echo" in functions
+            assert "list_functions" in functions
+            assert not {"run", "serve", "_private"} & set(functions)
+
+
+async def test_many_concurrent_calls_are_neither_lost_nor_crossed() -> None:
+    """10,000 calls from 100 tasks with unique payloads; the pending table ends empty."""
+    results: dict[tuple[int, int], Any] = {}
+    kinds = ["echo", "echo_sync"]
+
+    async def caller(worker: mf.Worker, task: int) -> None:
+        for i in range(100):
+            payload = {"task": task, "i": i, "blob": f"{task}-{i}".encode()}
+            results[(task, i)] = await worker.call(kinds[(task + i) % 2], payload)
+
+    with anyio.fail_after(120):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            async with anyio.create_task_group() as tg:
+                for task in range(100):
+                    tg.start_soon(caller, worker, task)
+            assert worker.pending_calls == 0
+            metrics = worker.metrics()
+    assert len(results) == 10_000
+    for (task, i), value in results.items():
+        assert value == {"task": task, "i": i, "blob": f"{task}-{i}".encode()}
+    assert metrics.requests_success == 10_000
+    assert metrics.requests_failed == 0
+
+
+async def test_cancelled_call_cancels_the_handler_and_the_worker_goes_on() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            before = anyio.current_time()
+            with anyio.move_on_after(0.1) as scope:
+                await worker.call.sleep(10)
+            assert scope.cancelled_caught
+            assert anyio.current_time() - before < 1.0
+            # The handler's finally runs within 200 ms of the caller giving up.
+            assert await worker.call.wait_cancelled(0.2) is True
+            assert await worker.call.add(2, 3) == 5
+            assert worker.pending_calls == 0
+            assert worker.metrics().requests_cancelled == 1
+
+
+async def test_timeout_option_raises_call_timeout_and_cancels_the_handler() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            quick = worker.with_options(timeout=0.1)
+            assert quick.timeout == 0.1
+            assert worker.timeout is None  # views never share mutable state
+            with pytest.raises(mf.CallTimeout) as info:
+                await quick.call.sleep(10)
+            assert isinstance(info.value, TimeoutError)
+            assert await worker.call.wait_cancelled(0.2) is True
+            assert await quick.call.add(1, 1) == 2
+            assert worker.metrics().requests_timeout == 1
+
+
+async def test_cancel_storm_leaves_nothing_pending() -> None:
+    """1,000 calls cancelled at random points; afterwards calls work and nothing leaks."""
+    rng = random.Random(1234)
+    with anyio.fail_after(120):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+
+            async def one(delay: float, seconds: float) -> None:
+                with anyio.move_on_after(delay):
+                    await worker.call.sleep(seconds)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(1000):
+                    tg.start_soon(one, rng.uniform(0, 0.05), rng.choice([0, 0.001, 0.02, 5]))
+            assert worker.pending_calls == 0
+            assert await worker.call.add(40, 2) == 42
+            metrics = worker.metrics()
+            assert metrics.in_flight == 0
+            assert metrics.requests_total == 1001
+            counters = await worker.call.stats()
+            # Every handler that was not answered was cancelled in the child.
+            assert counters["calls_started"] == 1002
+
+
+async def test_sync_handlers_run_off_the_loop() -> None:
+    """While a sync handler blocks or computes, other calls and heartbeats are answered."""
+    with anyio.fail_after(60):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            assert (await worker.call.thread_name()).startswith("multifrost-sync")
+            assert await worker.call.inline_thread_name() == "MainThread"
+            for busy in ("block", "spin"):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(worker.call, busy, 5)
+                    await anyio.sleep(0.2)  # let the busy handler start
+                    with anyio.fail_after(1.0):
+                        assert await worker.call.add(1, 2) == 3
+                        assert await worker.call.add_sync(1, 2) == 3
+                        rtt = await worker._core.ping()
+                    assert rtt < 1000
+                    tg.cancel_scope.cancel()
+
+
+async def test_child_print_reaches_the_parent_with_a_prefix(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO) as worker:
+            assert await worker.call.shout("hello") == "HELLO"
+    out, err = capsys.readouterr()
+    assert "[echo_worker.py STDOUT]: hello" in out.splitlines()
+    assert "[echo_worker.py STDERR]: err:hello" in err.splitlines()
+
+
+async def test_output_callback_and_raw_fd_writes_never_block() -> None:
+    lines: list[tuple[str, str]] = []
+    options = mf.SpawnOptions(output=lambda stream, line: lines.append((stream, line)))
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            # 1 MiB per stream: far more than a pipe holds, so the parent must drain it.
+            for _ in range(4):
+                assert await worker.call.raw_write(256 * 1024) == 256 * 1024
+            assert await worker.call.shout("x") == "X"
+    assert ("stdout", "x") in lines
+    assert ("stdout", "o" * 256 * 1024) in lines
+    assert ("stderr", "e" * 256 * 1024) in lines
+
+
+async def test_namespace_option_reaches_the_child() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            other = worker.with_options(namespace="elsewhere", timeout=0.3)
+            with pytest.raises(mf.CallTimeout):
+                await other.call.add(1, 2)  # ignored by the child: no reply at all
+            counters = await worker.call.stats()
+            assert counters["messages_dropped"] >= 1
+            assert other.namespace == "elsewhere"
+            assert worker.namespace == "default"

@@ -1,0 +1,107 @@
+"""Test worker: echo, sleep with cancellation reporting, sync/inline/async handlers, output."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import trio
+
+from multifrost_trio import ChildWorker, inline
+
+
+class EchoWorker(ChildWorker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = trio.Event()
+        self.finally_ran = 0
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    def echo_sync(self, value: Any) -> Any:
+        return value
+
+    @inline
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def add_sync(self, a: int, b: int) -> int:
+        return a + b
+
+    async def add_async(self, a: int, b: int) -> int:
+        await trio.sleep(0)
+        return a + b
+
+    async def sleep(self, seconds: float) -> str:
+        try:
+            await trio.sleep(seconds)
+            return "slept"
+        finally:
+            self.finally_ran += 1
+            self.cancelled.set()
+
+    async def wait_cancelled(self, timeout: float) -> bool:
+        """True once a ``sleep`` handler's finally ran (waits at most ``timeout``)."""
+        with trio.move_on_after(timeout):
+            await self.cancelled.wait()
+        self.cancelled = trio.Event()
+        return self.finally_ran > 0
+
+    def finally_count(self) -> int:
+        return self.finally_ran
+
+    def block(self, seconds: float) -> str:
+        """A sync handler that holds its thread (sleep releases the GIL)."""
+        time.sleep(seconds)
+        return "blocked"
+
+    def spin(self, seconds: float) -> int:
+        """A sync handler that keeps the CPU busy (GIL held in bursts)."""
+        end = time.monotonic() + seconds
+        count = 0
+        while time.monotonic() < end:
+            count += 1
+        return count
+
+    def thread_name(self) -> str:
+        return threading.current_thread().name
+
+    @inline
+    def inline_thread_name(self) -> str:
+        return threading.current_thread().name
+
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    def shout(self, text: str) -> str:
+        print(text)
+        print(f"err:{text}", file=sys.stderr)
+        return text.upper()
+
+    def raw_write(self, size: int) -> int:
+        """Write straight to fd 1 and 2, bypassing the forwarding."""
+        os.write(1, b"o" * size + b"\n")
+        os.write(2, b"e" * size + b"\n")
+        return size
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict[str, int]:
+        from dataclasses import asdict
+
+        return asdict(self.counters)
+
+    def crash(self, code: int) -> None:
+        os._exit(code)
+
+    def _private(self) -> str:
+        return "secret"
+
+
+if __name__ == "__main__":
+    EchoWorker().run()

@@ -1,0 +1,3 @@
+"""Test worker that fails while importing."""
+
+raise RuntimeError("broken worker: this import always fails")

@@ -19,7 +19,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import trio
@@ -221,7 +220,8 @@ def main() -> None:
     print(f"rounds={args.rounds} calls={args.calls} in_flight={IN_FLIGHT} cpus={os.cpu_count()}")
     print(f"floor (raw pyzmq): sequential {med['floor_seq'] * 1e6:.1f} us, "
           f"pipelined {med['floor_tput']:.0f} calls/s")
-    print(f"{'handler':<8} {'seq us':>8} {'seq x floor':>12} {'calls/s@100':>12} {'tput x floor':>13}")
+    header = ("handler", "seq us", "seq x floor", "calls/s@100", "tput x floor")
+    print("{:<8} {:>8} {:>12} {:>12} {:>13}".format(*header))
     for kind, seq_us, seq_ratio, tput, tput_ratio in rows:
         print(f"{kind:<8} {seq_us:8.1f} {seq_ratio:12.2f} {tput:12.0f} {tput_ratio:13.2f}")
     print(f"spawn-to-ready {med['spawn_ready'] * 1e3:.0f} ms vs import {med['import'] * 1e3:.0f} ms"

@@ -8,6 +8,7 @@ itself, so a busy handler never looks like a dead worker.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import io
 import logging
@@ -216,10 +217,8 @@ class _OutputPump:
                 _, dropped = self._pending.pop(0)
                 self._pending_bytes -= len(dropped)
                 self._worker.counters.output_dropped_bytes += len(dropped)
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._wake, idempotent=True)
-        except trio.RunFinishedError:
-            pass
 
     def _wake(self) -> None:
         self._wakeup.set()

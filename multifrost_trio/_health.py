@@ -38,6 +38,6 @@ async def heartbeat_loop(core: WorkerCore) -> None:
             extra={"worker": core.name, "pid": core.pid, "misses": misses},
         )
         if misses >= options.heartbeat_max_misses:
-            message = f"worker {core.name} missed {misses} heartbeats in a row"
-            core.fail_all(lambda: WorkerDied(message))
+            lost = f"worker {core.name} missed {misses} heartbeats in a row"
+            core.fail_all(lambda: WorkerDied(lost))  # noqa: B023 (returns right after)
             return

@@ -29,7 +29,7 @@ MAX_DEPTH: Final = 100
 MAX_STR_BYTES: Final = 10 * 1024 * 1024
 MAX_CONTAINER_ITEMS: Final = 100_000
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
-"""A frame larger than this is dropped before decoding: several 10 MiB strings fit, a flood does not."""
+"""A frame larger than this is dropped before decoding: several 10 MiB strings fit."""
 
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1

@@ -345,7 +345,8 @@ class WorkerCore:
             self._heartbeats.pop(heartbeat_id, None)
         if slot.error is not None:
             raise slot.error
-        rtt_ms = max(0.0, (time.time() - message["timestamp"]) * 1000.0)
+        sent_at: float = message["timestamp"]
+        rtt_ms = max(0.0, (time.time() - sent_at) * 1000.0)
         self.last_rtt_ms = rtt_ms
         self.metrics.heartbeat_rtts.append(rtt_ms)
         return rtt_ms

@@ -122,7 +122,8 @@ async def open_worker(
             process = await _start_process(argv, port, options, core)
             try:
                 output = _ChildOutput(core)
-                assert process.stdout is not None and process.stderr is not None
+                assert process.stdout is not None
+                assert process.stderr is not None
                 tg.start_soon(output.pump, process.stdout, "stdout")
                 tg.start_soon(output.pump, process.stderr, "stderr")
                 exited = anyio.Event()

@@ -82,7 +82,9 @@ class Channel:
     def __init__(self, sock: zmq.Socket[bytes], on_frames: FrameHandler) -> None:
         self.sock = sock
         self._on_frames = on_frames
-        self._fd: int = sock.getsockopt(zmq.FD)
+        self._fd = int(sock.getsockopt(zmq.FD))
+        # The socket's own getsockopt, typed for the int options read on the hot path.
+        self._int_option: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
         self._draining = False
         self._closed = False
         self._send_waiters: list[_SendWaiter] = []
@@ -98,7 +100,7 @@ class Channel:
         self._draining = True
         sock = self.sock
         recv = sock.recv
-        getsockopt = sock.getsockopt
+        getsockopt = self._int_option
         on_frames = self._on_frames
         try:
             # Reading EVENTS is cheaper than provoking zmq.Again, whose construction is slow.
@@ -152,7 +154,7 @@ class Channel:
         waiter = _SendWaiter()
         self._send_waiters.append(waiter)
         try:
-            if self.sock.getsockopt(_EVENTS) & _POLLOUT:
+            if self._int_option(_EVENTS) & _POLLOUT:
                 return
             self.drain()
             await waiter.event.wait()

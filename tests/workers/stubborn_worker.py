@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 
-import trio
-
 from multifrost_trio import ChildWorker
 
 

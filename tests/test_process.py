@@ -1,0 +1,222 @@
+"""The child process's life: start failures, crashes, stopping, orphans, sockets."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import anyio
+import pytest
+import zmq
+
+import multifrost_trio as mf
+from multifrost_trio._transport import Channel, bind_ephemeral, new_socket
+from tests.conftest import worker_path
+
+pytestmark = pytest.mark.anyio
+ECHO = worker_path("echo_worker.py")
+QUIET = mf.SpawnOptions(output=lambda stream, line: None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _crash_with_calls_in_flight(kill: str) -> None:
+    async with mf.open_worker(ECHO, options=QUIET) as worker:
+        errors: list[BaseException] = []
+        failed_at: list[float] = []
+
+        async def pending_call() -> None:
+            try:
+                await worker.call.sleep(30)
+            except mf.WorkerDied as exc:
+                errors.append(exc)
+                failed_at.append(anyio.current_time())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(pending_call)
+            while worker.pending_calls < 50:
+                await anyio.sleep(0.01)
+            crashed_at = anyio.current_time()
+            if kill == "exit":
+                with pytest.raises(mf.WorkerDied):
+                    await worker.call.crash(3)
+            else:
+                assert worker.pid is not None
+                os.kill(worker.pid, signal.SIGKILL)
+        assert len(errors) == 50
+        assert max(failed_at) - crashed_at < 0.5
+        expected = 3 if kill == "exit" else -signal.SIGKILL
+        assert all(isinstance(e, mf.WorkerDied) and e.exit_code == expected for e in errors)
+        assert not worker.is_healthy
+        with pytest.raises(mf.WorkerDied):
+            await worker.call.add(1, 2)
+
+
+@pytest.mark.parametrize("kill", ["exit", "sigkill"])
+async def test_crash_fails_every_pending_call_quickly(kill: str) -> None:
+    with anyio.fail_after(30):
+        await _crash_with_calls_in_flight(kill)
+
+
+async def test_missing_script_is_a_start_error() -> None:
+    with anyio.fail_after(2):
+        with pytest.raises(mf.WorkerStartError) as info:
+            async with mf.open_worker(worker_path("no_such_worker.py"), options=QUIET):
+                pytest.fail("should not start")
+    assert info.value.exit_code not in (None, 0)
+    assert "no_such_worker.py" in info.value.stderr_tail
+
+
+async def test_import_failure_is_a_start_error_with_stderr_tail() -> None:
+    with anyio.fail_after(2):
+        with pytest.raises(mf.WorkerStartError) as info:
+            async with mf.open_worker(worker_path("import_error_worker.py"), options=QUIET):
+                pytest.fail("should not start")
+    assert info.value.exit_code == 1
+    assert "this import always fails" in info.value.stderr_tail
+    assert "this import always fails" in str(info.value)
+
+
+async def test_bad_port_is_a_start_error() -> None:
+    with anyio.fail_after(2):
+        with pytest.raises(mf.WorkerStartError) as info:
+            async with mf.open_worker(worker_path("bad_port_worker.py"), options=QUIET):
+                pytest.fail("should not start")
+    assert info.value.exit_code == 1
+    assert "COMLINK_ZMQ_PORT=80 is outside 1024..65535" in info.value.stderr_tail
+
+
+@pytest.mark.parametrize("port", ["80", "70000", "abc", ""])
+def test_child_refuses_a_bad_port_with_a_clear_message(port: str) -> None:
+    env = {**os.environ, "COMLINK_ZMQ_PORT": port, "COMLINK_WORKER_MODE": "1"}
+    done = subprocess.run(
+        [sys.executable, ECHO, "--worker"], env=env, capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 1
+    assert "COMLINK_ZMQ_PORT" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_leaving_normally_shuts_the_child_down_and_reaps_it() -> None:
+    with anyio.fail_after(10):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            pid = worker.pid
+            assert pid is not None
+            assert await worker.call.add(1, 2) == 3
+        assert not _alive(pid)  # reaped before __aexit__ returned
+        with pytest.raises(mf.WorkerDied):
+            await worker.call.add(1, 2)
+
+
+async def test_an_error_in_the_body_comes_out_as_itself() -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(KeyError) as info:
+            async with mf.open_worker(ECHO, options=QUIET) as worker:
+                pid = worker.pid
+                raise KeyError("mine")
+    assert type(info.value) is KeyError
+    assert pid is not None
+    assert not _alive(pid)
+
+
+async def test_a_remote_error_in_the_body_comes_out_as_itself() -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(mf.RemoteCallError):
+            async with mf.open_worker(ECHO, options=QUIET) as worker:
+                await worker.call.fail("boom")
+
+
+async def test_cancellation_while_inside_still_reaps_the_child() -> None:
+    with anyio.fail_after(10):
+        with anyio.CancelScope() as scope:
+            async with mf.open_worker(ECHO, options=QUIET) as worker:
+                pid = worker.pid
+                scope.deadline = anyio.current_time() + 0.3
+                await worker.call.sleep(30)
+        assert scope.cancelled_caught
+        assert pid is not None
+        assert not _alive(pid)
+
+
+async def test_a_child_ignoring_shutdown_and_sigterm_is_killed() -> None:
+    options = mf.SpawnOptions(shutdown_grace=0.3, kill_grace=0.3, output=lambda s, line: None)
+    with anyio.fail_after(10):
+        async with mf.open_worker(worker_path("stubborn_worker.py"), options=options) as worker:
+            pid = worker.pid
+            assert await worker.call.ping() == "pong"
+            started = anyio.current_time()
+        assert anyio.current_time() - started < 2.0
+        assert pid is not None
+        assert not _alive(pid)
+
+
+def test_no_orphan_when_the_parent_is_killed() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, worker_path("orphan_parent.py"), ECHO],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], 20)
+        assert ready, "parent never reported its worker"
+        child_pid = int(parent.stdout.readline())
+        assert _alive(child_pid)
+        pidfd = os.pidfd_open(child_pid)
+        try:
+            parent.send_signal(signal.SIGKILL)
+            parent.wait(timeout=10)
+            # A pidfd becomes readable when that process exits: an event, not a poll.
+            exited, _, _ = select.select([pidfd], [], [], 3.0)
+        finally:
+            os.close(pidfd)
+        assert exited, "worker outlived its parent by more than 3 s"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+
+
+async def test_spawn_binds_loopback_on_an_ephemeral_port() -> None:
+    with anyio.fail_after(30):
+        async with (
+            mf.open_worker(ECHO, options=QUIET) as a,
+            mf.open_worker(ECHO, options=QUIET) as b,
+        ):
+            endpoints = []
+            for worker in (a, b):
+                channel = worker._core.channel
+                assert channel is not None
+                endpoints.append(channel.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            assert all(e.startswith("tcp://127.0.0.1:") for e in endpoints)
+            assert endpoints[0] != endpoints[1]
+            assert await a.call.add(1, 2) == await b.call.add(2, 1)
+
+
+async def test_closing_with_unsent_messages_does_not_block() -> None:
+    """A DEALER with a peer that vanished and messages queued closes at once."""
+    with anyio.fail_after(5):
+        receiver = new_socket(zmq.ROUTER)
+        port = bind_ephemeral(receiver)
+        sender = new_socket(zmq.DEALER)
+        sender.connect(f"tcp://127.0.0.1:{port}")
+        channel = Channel(sender, lambda frames: None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(channel.run)
+            receiver.close(linger=0)
+            for _ in range(100):
+                channel.try_send([b"", b"x" * 1000])
+            started = time.perf_counter()
+            channel.close()
+            assert time.perf_counter() - started < 0.1
+        assert channel.closed

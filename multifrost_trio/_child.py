@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import traceback
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
+import msgpack
 import outcome
 import trio
 import zmq
@@ -342,6 +344,11 @@ class ChildWorker:
             for name, attr in vars(klass).items():
                 if name.startswith("_") or name in _BASE_NAMES:
                     continue
+                if name in _RESERVED_NAMES:
+                    raise TypeError(
+                        f"{klass.__name__}.{name}: {name!r} is an attribute of every "
+                        "ChildWorker and cannot be a worker function"
+                    )
                 func = attr.__func__ if isinstance(attr, staticmethod | classmethod) else attr
                 if not callable(func) or isinstance(func, type):
                     continue
@@ -400,20 +407,19 @@ class ChildWorker:
                 return
 
     async def _watch_parent(self) -> None:
-        fd_text = os.environ.get(PARENT_FD_ENV)
-        if fd_text and fd_text.isdigit():
-            fd = int(fd_text)
+        fd = _parent_pipe()
+        if fd is not None:
             os.set_blocking(fd, False)
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                try:
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
                     if not os.read(fd, 4096):
                         break
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    break
-        else:
+            except BlockingIOError:
+                pass
+            except OSError:
+                fd = None
+        if fd is None:
             parent = os.getppid()
             while os.getppid() == parent:
                 await trio.sleep(_PPID_POLL_SECONDS)
@@ -432,9 +438,13 @@ class ChildWorker:
         except m.DecodeError as exc:
             self.counters.messages_dropped += 1
             log.debug("dropped a message: %s", exc)
-            if exc.call_id is not None:
+            if exc.call_id is not None and exc.namespace == self.namespace:
                 self._parents[identity] = None
                 self._reply_now(identity, m.make_error(exc.call_id, f"ValueError: {exc}\n"))
+            return
+        except Exception:  # a decoder bug must not take the worker down
+            self.counters.messages_dropped += 1
+            log.exception("could not decode a message")
             return
         if message is None:
             return
@@ -570,6 +580,7 @@ class ChildWorker:
         self._send_now(identity, m.encode(message))
 
     def _send_now(self, identity: bytes, payload: bytes) -> None:
+        payload = _within_limit(payload)
         if self._output is not None:
             self._output.flush_now()
         try:
@@ -585,6 +596,7 @@ class ChildWorker:
         await self._send_payload(identity, m.encode(message))
 
     async def _send_payload(self, identity: bytes, payload: bytes) -> None:
+        payload = _within_limit(payload)
         if self._output is not None:
             self._output.flush_now()
         channel = self._channel
@@ -622,9 +634,23 @@ class ChildWorker:
         return True
 
 
+_RESERVED_NAMES: Final = frozenset({"counters"})
 _BASE_NAMES: Final = frozenset(
     name for name in vars(ChildWorker) if not name.startswith("_")
 ) - {"list_functions"}
+
+
+def _within_limit(payload: bytes) -> bytes:
+    """A reply the parent would drop for its size becomes an error reply it can read."""
+    if len(payload) <= m.MAX_MESSAGE_BYTES:
+        return payload
+
+    try:
+        call_id = msgpack.unpackb(payload, raw=False).get("id", "")
+    except Exception:
+        return payload
+    text = f"ValueError: reply of {len(payload)} bytes exceeds {m.MAX_MESSAGE_BYTES}\n"
+    return m.encode(m.make_error(str(call_id), text))
 
 
 def _lookup_error(name: str | None) -> str:
@@ -633,6 +659,25 @@ def _lookup_error(name: str | None) -> str:
     if name.startswith("_"):
         return f"AttributeError: Cannot call private method '{name}'\n"
     return f"AttributeError: Function '{name}' not found\n"
+
+
+def _parent_pipe() -> int | None:
+    """The parent-death pipe, if our own parent passed one (``<fd>:<parent pid>``).
+
+    The variable is removed so that our own children never mistake it for theirs; an fd
+    that is not a pipe from our actual parent is ignored (the ppid poll is used instead).
+    """
+    text = os.environ.pop(PARENT_FD_ENV, "")
+    fd_text, _, pid_text = text.partition(":")
+    if not (fd_text.isdigit() and pid_text.isdigit()) or int(pid_text) != os.getppid():
+        return None
+    fd = int(fd_text)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+    except OSError:
+        return None
+    return fd
 
 
 def _port_from_env() -> int:

@@ -116,9 +116,12 @@ class DecodeError(Exception):
     """A frame that is not a valid message of ours; ``call_id`` is set when it looked like a
     call with a usable id, so the child can still answer it with an error."""
 
-    def __init__(self, reason: str, call_id: str | None = None) -> None:
+    def __init__(
+        self, reason: str, call_id: str | None = None, namespace: str = DEFAULT_NAMESPACE
+    ) -> None:
         super().__init__(reason)
         self.call_id = call_id
+        self.namespace = namespace
 
 
 # --------------------------------------------------------------------------- values
@@ -236,14 +239,21 @@ def decode(payload: bytes) -> Message | None:
     if raw.get("app") != APP_ID:
         raise DecodeError(f"foreign app id {raw.get('app')!r}")
     kind = raw.get("type")
+    if type(kind) is not str:
+        raise DecodeError(f"message type {kind!r} is not a str")
     if kind not in _KNOWN_TYPES:
         return None
     try:
         return _ADAPTER.validate_python(raw)
     except (ValidationError, RecursionError) as exc:
         call_id = raw.get("id") if kind == "call" else None
+        namespace = raw.get("namespace", DEFAULT_NAMESPACE)
         reason = f"ill-typed {kind} message: {exc}".splitlines()[0]
-        raise DecodeError(reason, call_id if type(call_id) is str else None) from None
+        raise DecodeError(
+            reason,
+            call_id if type(call_id) is str else None,
+            namespace if type(namespace) is str else "",
+        ) from None
 
 
 # --------------------------------------------------------------------------- constructors
@@ -307,6 +317,10 @@ def make_heartbeat() -> WireMap:
 def make_heartbeat_echo(request: HeartbeatMessage) -> WireMap:
     """The echo of a heartbeat request: same id, ``hb_timestamp`` copied, ``hb_response``."""
     stamp = (request.metadata or {}).get("hb_timestamp")
+    if type(stamp) is not float and type(stamp) is not int:
+        stamp = None  # echo only what may be sent: a number
+    elif not (math.isfinite(stamp) and _INT64_MIN <= stamp <= _INT64_MAX):
+        stamp = None
     return {
         "app": APP_ID,
         "id": request.id,

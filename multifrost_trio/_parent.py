@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import anyio
-import trio
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import _messages as m
 from ._errors import CallTimeout, RemoteCallError, WorkerDied
 from ._metrics import Metrics, MetricsSnapshot, Outcome
-from ._transport import Channel, ChannelClosed
+from ._transport import Channel, ChannelClosed, TrioWaiter, Waiter, waiter_type
 
 log = logging.getLogger("multifrost_trio")
 
@@ -68,67 +67,14 @@ class SpawnOptions(BaseModel):
 
 
 class _Slot:
-    """Where the reader puts the answer a waiting call picks up (any anyio backend)."""
+    """Where the reader puts the answer a waiting call picks up."""
 
-    __slots__ = ("done", "error", "event", "value")
+    __slots__ = ("error", "value", "waiter")
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.done = False
+    def __init__(self, waiter: Waiter | TrioWaiter) -> None:
+        self.waiter = waiter
         self.value: Any = None
         self.error: BaseException | None = None
-
-    def resolve(self, value: Any) -> None:
-        self.value = value
-        self.done = True
-        self.event.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done = True
-        self.event.set()
-
-    async def wait(self) -> None:
-        await self.event.wait()
-
-
-class _TrioSlot:
-    """The same on trio, parking the task directly: an ``anyio.Event`` costs several times
-    more to create and wait on, and this is paid on every call."""
-
-    __slots__ = ("_task", "done", "error", "value")
-
-    def __init__(self) -> None:
-        self._task: trio.lowlevel.Task | None = None
-        self.done = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def resolve(self, value: Any) -> None:
-        self.value = value
-        self._finish()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self._finish()
-
-    def _finish(self) -> None:
-        self.done = True
-        task, self._task = self._task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
-
-    async def wait(self) -> None:
-        if self.done:
-            await trio.lowlevel.checkpoint()
-            return
-        self._task = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 _UNSET: Final[Any] = object()
@@ -144,11 +90,9 @@ class WorkerCore:
         self.metrics = Metrics()
         self.pid: int | None = None
         self.last_rtt_ms: float | None = None
-        self._new_slot: type[_Slot | _TrioSlot] = (
-            _TrioSlot if trio.lowlevel.in_trio_run() else _Slot
-        )
-        self._pending: dict[str, _Slot | _TrioSlot] = {}
-        self._heartbeats: dict[str, _Slot | _TrioSlot] = {}
+        self._new_waiter = waiter_type()
+        self._pending: dict[str, _Slot] = {}
+        self._heartbeats: dict[str, _Slot] = {}
         self._failure: Callable[[], BaseException] | None = None
         self._room_waiters: collections.deque[anyio.Event] = collections.deque()
         self._cancelled_exc = anyio.get_cancelled_exc_class()
@@ -176,10 +120,15 @@ class WorkerCore:
         pending = list(self._pending.values()) + list(self._heartbeats.values())
         self._pending.clear()
         self._heartbeats.clear()
+        channel = self.channel
         for slot in pending:
-            slot.fail(make_error())
-        if self.channel is not None:
-            self.channel.abort_senders(make_error())
+            slot.error = make_error()
+            if channel is not None:
+                channel.wake(slot.waiter)
+            else:
+                slot.waiter.wake()
+        if channel is not None:
+            channel.abort_senders(make_error())
         while self._room_waiters:
             self._room_waiters.popleft().set()
 
@@ -189,7 +138,7 @@ class WorkerCore:
         """The reader's callback: resolve the call or heartbeat a message answers."""
         try:
             message = m.decode(frames[-1])
-        except m.DecodeError as exc:
+        except Exception as exc:  # DecodeError, or a decoder bug: never kill the reader
             self.metrics.messages_dropped += 1
             log.debug("dropped a message from %s: %s", self.name, exc)
             return
@@ -199,17 +148,19 @@ class WorkerCore:
         if kind == "response":
             slot = self._pending.pop(message.id, None)
             if slot is not None:
-                slot.resolve(message.result)  # type: ignore[union-attr]
+                slot.value = message.result  # type: ignore[union-attr]
+                self._wake(slot)
                 return
         elif kind == "error":
             slot = self._pending.pop(message.id, None)
             if slot is not None:
-                slot.fail(RemoteCallError.from_wire(message.error))  # type: ignore[union-attr]
+                slot.error = RemoteCallError.from_wire(message.error)  # type: ignore[union-attr]
+                self._wake(slot)
                 return
         elif kind == "heartbeat":
             slot = self._heartbeats.pop(message.id, None)
             if slot is not None:
-                slot.resolve(None)
+                self._wake(slot)
                 return
         elif kind == "stdout" or kind == "stderr":
             text: str = message.output  # type: ignore[union-attr]
@@ -219,6 +170,12 @@ class WorkerCore:
         else:
             return
         self.metrics.messages_dropped += 1
+
+    def _wake(self, slot: _Slot) -> None:
+        if self.channel is not None:
+            self.channel.wake(slot.waiter)
+        else:
+            slot.waiter.wake()
 
     def emit_output(self, stream: Stream, line: str) -> None:
         """Hand one line of the worker's output to the sink (never raises)."""
@@ -275,13 +232,13 @@ class WorkerCore:
         assert channel is not None
         if len(self._pending) >= self.options.max_in_flight:
             await self._wait_for_room()
-        slot = self._new_slot()
+        slot = _Slot(self._new_waiter())
         self._pending[call_id] = slot
         sent = False
         try:
             await channel.send(frames)
             sent = True
-            await slot.wait()
+            await channel.wait_for(slot.waiter)
         except ChannelClosed:
             if self._failure is not None:
                 raise self._failure() from None
@@ -336,11 +293,11 @@ class WorkerCore:
         assert channel is not None
         message = m.make_heartbeat()
         heartbeat_id: str = message["id"]
-        slot = self._new_slot()
+        slot = _Slot(self._new_waiter())
         self._heartbeats[heartbeat_id] = slot
         try:
             await channel.send((b"", m.encode(message)))
-            await slot.wait()
+            await channel.wait_for(slot.waiter)
         finally:
             self._heartbeats.pop(heartbeat_id, None)
         if slot.error is not None:

@@ -148,7 +148,7 @@ async def _start_process(
     """Start the child with the protocol's environment and a parent-death pipe."""
     env = {**os.environ, **options.env, PORT_ENV: str(port), WORKER_MODE_ENV: "1"}
     death_read, death_write = os.pipe()
-    env[PARENT_FD_ENV] = str(death_read)
+    env[PARENT_FD_ENV] = f"{death_read}:{os.getpid()}"
     try:
         process = await anyio.open_process(
             list(argv),

@@ -11,10 +11,12 @@ measurable on this path.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Final
 
 import anyio
+import trio
 import zmq
 
 from ._messages import MAX_MESSAGE_BYTES
@@ -64,6 +66,57 @@ class ChannelClosed(Exception):
     """The channel was closed while a sender waited."""
 
 
+class Waiter:
+    """A one-shot wake-up for one task (any anyio backend)."""
+
+    __slots__ = ("_event", "done")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self.done = False
+
+    def wake(self) -> None:
+        self.done = True
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class TrioWaiter:
+    """The same on trio, parking the task directly: an ``anyio.Event`` costs several
+    times more to create and wait on, and one is needed per call."""
+
+    __slots__ = ("_task", "done")
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+        self.done = False
+
+    def wake(self) -> None:
+        self.done = True
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def waiter_type() -> type[Waiter | TrioWaiter]:
+    """The cheapest waiter for the running event loop."""
+    return TrioWaiter if trio.lowlevel.in_trio_run() else Waiter
+
+
 class _SendWaiter:
     __slots__ = ("error", "event")
 
@@ -72,22 +125,35 @@ class _SendWaiter:
         self.error: BaseException | None = None
 
 
+_CLOSED_ERRORS: Final = (anyio.ClosedResourceError, trio.ClosedResourceError, OSError)
+
+
 class Channel:
-    """One zmq socket, its reader loop and its senders.
+    """One zmq socket, its readers and its senders.
 
     ``on_frames`` is called synchronously for every received multipart message, from
     whichever task drained the socket; it must not block or raise.
+
+    Two tasks at most sleep on the socket, each on its own fd number: the background
+    reader (``run``, on a duplicate of the zmq fd) and, on trio, one caller waiting for its
+    own reply (``wait_for``, on the original). A caller that reads for itself is woken by
+    its reply directly instead of by the reader: a sequential round trip then costs one
+    scheduler pass instead of two, measured as about a quarter of the library's latency.
     """
 
     def __init__(self, sock: zmq.Socket[bytes], on_frames: FrameHandler) -> None:
         self.sock = sock
         self._on_frames = on_frames
         self._fd = int(sock.getsockopt(zmq.FD))
+        self._reader_fd = os.dup(self._fd)
         # The socket's own getsockopt, typed for the int options read on the hot path.
         self._int_option: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
         self._draining = False
         self._closed = False
         self._send_waiters: list[_SendWaiter] = []
+        self._on_trio = trio.lowlevel.in_trio_run()
+        self._leader: Waiter | TrioWaiter | None = None
+        self._leader_sleeping = False
 
     @property
     def closed(self) -> bool:
@@ -115,16 +181,62 @@ class Channel:
             self._wake_senders(None)
 
     async def run(self) -> None:
-        """The reader: the only task that sleeps on the socket's fd. Returns once closed."""
-        fd = self._fd
+        """The background reader. Returns once the channel is closed."""
+        fd = self._reader_fd
+        wait_readable = trio.lowlevel.wait_readable if self._on_trio else anyio.wait_readable
         while not self._closed:
             self.drain()
             try:
-                await anyio.wait_readable(fd)
-            except (anyio.ClosedResourceError, OSError):
+                await wait_readable(fd)
+            except _CLOSED_ERRORS:
                 if self._closed:
                     return
                 raise
+
+    async def wait_for(self, waiter: Waiter | TrioWaiter) -> None:
+        """Wait until ``waiter`` is woken (by ``on_frames`` or anyone else).
+
+        On trio, if no other caller is reading, read the socket meanwhile (see the class
+        docstring). Whoever wakes the waiter must do so through :meth:`wake`.
+        """
+        if self._leader is not None or not self._on_trio or self._closed or waiter.done:
+            await waiter.wait()
+            return
+        self._leader = waiter
+        fd = self._fd
+        slept = False
+        try:
+            # No drain before sleeping: every zmq call here is already followed by one.
+            while not waiter.done and not self._closed:
+                slept = True
+                self._leader_sleeping = True
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except _CLOSED_ERRORS:
+                    if not waiter.done and not self._closed:
+                        raise
+                finally:
+                    self._leader_sleeping = False
+                self.drain()
+        finally:
+            self._leader = None
+        if not slept:
+            await trio.lowlevel.checkpoint()
+        if not waiter.done:
+            raise ChannelClosed("channel is closed")
+
+    def wake(self, waiter: Waiter | TrioWaiter) -> None:
+        """Wake ``waiter``; if its task is sleeping on the socket, stop that too.
+
+        Another task's drain may take a caller's reply while that caller sleeps on the fd
+        (the fd then never fires for it). ``notify_closing`` on the caller's fd number is
+        trio's one way to wake a task sleeping on an fd; the fd stays open and usable, and
+        the background reader sleeps on another number, so it is not disturbed.
+        """
+        waiter.wake()
+        if waiter is self._leader and self._leader_sleeping and not self._closed:
+            self._leader_sleeping = False
+            trio.lowlevel.notify_closing(self._fd)
 
     def try_send(self, frames: Sequence[bytes]) -> bool:
         """Send without waiting; False when the peer's queue is full (or no peer yet).
@@ -175,10 +287,12 @@ class Channel:
         self._wake_senders(error)
 
     def close(self) -> None:
-        """Wake the reader and waiting senders, then close the socket (bounded linger)."""
+        """Wake every task sleeping on the socket, then close it (bounded linger)."""
         if self._closed:
             return
         self._closed = True
         self._wake_senders(ChannelClosed("channel is closed"))
         anyio.notify_closing(self._fd)
+        anyio.notify_closing(self._reader_fd)
         self.sock.close(linger=CLOSE_LINGER_MS)
+        os.close(self._reader_fd)

@@ -44,7 +44,7 @@ function toWire(value, depth = 0) {
       }
       return value;
     case "bigint":
-      if (value < -(2n ** 63n) || value >= 2n ** 64n) {
+      if (value < -(2n ** 63n) || value >= 2n ** 63n) {
         throw new RangeError(`int ${value} is outside the int64 range and cannot be sent`);
       }
       return value;

@@ -21,7 +21,8 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import _messages as m
-from ._errors import CallTimeout, RemoteCallError, WorkerDied
+from ._errors import CallTimeout, CircuitOpenError, RemoteCallError, WorkerDied
+from ._health import CircuitBreaker, CircuitState
 from ._metrics import Metrics, MetricsSnapshot, Outcome
 from ._transport import Channel, ChannelClosed, TrioWaiter, Waiter, waiter_type
 
@@ -61,8 +62,23 @@ class SpawnOptions(BaseModel):
     """Seconds to wait for a heartbeat's echo before counting a miss."""
     heartbeat_max_misses: int = Field(default=3, ge=1)
     """Consecutive misses after which the worker is unhealthy and its pending calls fail."""
-    output: OutputSink | None = None
-    """Where the worker's printed lines go; default: this process's stdout/stderr with a
+    circuit_threshold: int = Field(default=5, ge=1)
+    """Consecutive transport failures (timeouts, worker death, heartbeat loss) that open
+    the circuit breaker."""
+    circuit_cooldown: float = Field(default=10.0, ge=0)
+    """Seconds an open circuit refuses calls before letting one probe through."""
+    circuit_counts_remote_errors: bool = False
+    """Whether a handler's own exception counts as a failure for the breaker."""
+    max_restarts: int = Field(default=0, ge=0)
+    """Spawn mode: restart a child that died, at most this many times per
+    ``restart_window`` (0: never restart)."""
+    restart_window: float = Field(default=60.0, gt=0)
+    """Seconds over which ``max_restarts`` is counted."""
+    restart_backoff: float = Field(default=0.1, ge=0)
+    """Seconds before the first restart; doubles on each restart in a row, up to 5 s."""
+    output: OutputSink | logging.Logger | None = None
+    """Where the worker's printed lines go: a callable ``(stream, line)``, a logger
+    (stdout at INFO, stderr at WARNING), or by default this process's stdout/stderr with a
     ``[<script> STDOUT]: `` / ``[<script> STDERR]: `` prefix."""
 
 
@@ -96,8 +112,15 @@ class WorkerCore:
         self._failure: Callable[[], BaseException] | None = None
         self._room_waiters: collections.deque[anyio.Event] = collections.deque()
         self._cancelled_exc = anyio.get_cancelled_exc_class()
+        self._healthy = True
+        self.breaker = CircuitBreaker(
+            options.circuit_threshold, options.circuit_cooldown, self._circuit_changed
+        )
         sink = options.output
-        self._sink: OutputSink = sink if sink is not None else self._print_output
+        if isinstance(sink, logging.Logger):
+            self._sink: OutputSink = functools.partial(_log_output, sink, name)
+        else:
+            self._sink = sink if sink is not None else self._print_output
 
     # ------------------------------------------------------------------ state
 
@@ -109,14 +132,41 @@ class WorkerCore:
     def failed(self) -> bool:
         return self._failure is not None
 
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None and self._healthy
+
+    def set_healthy(self, healthy: bool) -> None:
+        self._healthy = healthy
+
+    def log_extra(self) -> dict[str, Any]:
+        """Structured fields every log record about this worker carries."""
+        return {"worker": self.name, "pid": self.pid}
+
+    def _circuit_changed(self, old: CircuitState, new: CircuitState) -> None:
+        level = logging.WARNING if new is CircuitState.OPEN else logging.INFO
+        log.log(
+            level,
+            "circuit of worker %s: %s -> %s",
+            self.name,
+            old.value,
+            new.value,
+            extra={**self.log_extra(), "circuit_state": new.value},
+        )
+
     def attach(self, channel: Channel) -> None:
         """Use ``channel`` for traffic and accept calls again (a fresh start or a restart)."""
         self.channel = channel
         self._failure = None
+        self._healthy = True
 
     def fail_all(self, make_error: Callable[[], BaseException]) -> None:
         """Fail every pending call and heartbeat now, and refuse new calls until ``attach``."""
         self._failure = make_error
+        self.fail_pending(make_error)
+
+    def fail_pending(self, make_error: Callable[[], BaseException]) -> None:
+        """Fail every pending call and heartbeat now (new calls are still accepted)."""
         pending = list(self._pending.values()) + list(self._heartbeats.values())
         self._pending.clear()
         self._heartbeats.clear()
@@ -201,10 +251,16 @@ class WorkerCore:
         if self._failure is not None:
             raise self._failure()
         message = m.make_call(function, args, namespace, client_name)
+        probe = self.breaker.try_acquire()
+        if probe is None:
+            raise CircuitOpenError(
+                f"circuit of worker {self.name} is open: call {function!r} refused"
+            )
         call_id: str = message["id"]
         frames = (b"", m.encode(message))
         metrics = self.metrics
         outcome: Outcome = "failed"
+        transport_ok: bool | None = False
         started = time.perf_counter()
         metrics.in_flight += 1
         try:
@@ -215,17 +271,35 @@ class WorkerCore:
                     result = await self._exchange(call_id, frames)
                 if scope.cancelled_caught:
                     outcome = "timeout"
+                    log.debug(
+                        "call %s to %s timed out",
+                        function,
+                        self.name,
+                        extra={**self.log_extra(), "call_id": call_id, "function": function,
+                               "duration": timeout},
+                    )
                     raise CallTimeout(
                         f"call {function!r} to {self.name} timed out after {timeout} s"
                     )
             outcome = "success"
+            transport_ok = True
             return result
+        except RemoteCallError:
+            transport_ok = not self.options.circuit_counts_remote_errors
+            raise
         except self._cancelled_exc:
             outcome = "cancelled"
+            transport_ok = None
             raise
         finally:
             metrics.in_flight -= 1
             metrics.record(function, outcome, time.perf_counter() - started)
+            if transport_ok:
+                self.breaker.success(probe)
+            elif transport_ok is None:
+                self.breaker.neutral(probe)
+            else:
+                self.breaker.failure(probe)
 
     async def _exchange(self, call_id: str, frames: tuple[bytes, bytes]) -> Any:
         channel = self.channel
@@ -307,6 +381,11 @@ class WorkerCore:
         self.last_rtt_ms = rtt_ms
         self.metrics.heartbeat_rtts.append(rtt_ms)
         return rtt_ms
+
+
+def _log_output(logger: logging.Logger, worker: str, stream: Stream, line: str) -> None:
+    level = logging.INFO if stream == "stdout" else logging.WARNING
+    logger.log(level, "%s", line, extra={"worker": worker, "stream": stream})
 
 
 class _CallProxy:
@@ -392,7 +471,10 @@ class Worker:
 
     def metrics(self) -> MetricsSnapshot:
         """A frozen snapshot of this worker's counters and latencies."""
-        return self._core.metrics.snapshot()
+        breaker = self._core.breaker
+        return self._core.metrics.snapshot(
+            circuit_state=breaker.state.value, circuit_trips=breaker.trips
+        )
 
     @property
     def name(self) -> str:
@@ -416,8 +498,14 @@ class Worker:
 
     @property
     def is_healthy(self) -> bool:
-        """False once the worker died or missed too many heartbeats."""
-        return not self._core.failed
+        """False while the worker is dead (or restarting) or missing heartbeats."""
+        return self._core.healthy
+
+    @property
+    def circuit_open(self) -> bool:
+        """True while the circuit breaker refuses calls (open; half-open with its probe out
+        counts as open too)."""
+        return self._core.breaker.state is not CircuitState.CLOSED
 
     @property
     def last_heartbeat_rtt_ms(self) -> float | None:

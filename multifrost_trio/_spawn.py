@@ -9,6 +9,7 @@ shielded from cancellation.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from ._transport import Channel, bind_ephemeral, new_socket
 
 STDERR_TAIL_LINES: Final = 20
 _STDERR_SETTLE_SECONDS: Final = 0.25
+_MAX_BACKOFF_SECONDS: Final = 5.0
 """After the child exits, how long to wait for the rest of its stderr (for the error text)."""
 
 _INTERPRETERS: Final = {".py": None, ".js": "node", ".mjs": "node", ".cjs": "node", ".ts": "tsx"}
@@ -63,6 +65,7 @@ class _ChildOutput:
         self._core = core
         self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.stderr_closed = anyio.Event()
+        self.stdout_closed = anyio.Event()
 
     async def pump(self, stream: anyio.abc.ByteReceiveStream, kind: Stream) -> None:
         buffered = b""
@@ -76,8 +79,7 @@ class _ChildOutput:
         finally:
             if buffered:
                 self._line(kind, buffered)
-            if kind == "stderr":
-                self.stderr_closed.set()
+            (self.stderr_closed if kind == "stderr" else self.stdout_closed).set()
 
     def _line(self, kind: Stream, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
@@ -106,8 +108,7 @@ async def open_worker(
     """
     options = options or SpawnOptions()
     argv = build_argv(script, executable)
-    name = Path(os.fspath(script)).name
-    core = WorkerCore(name, options)
+    core = WorkerCore(Path(os.fspath(script)).name, options)
     sock = new_socket(zmq.DEALER)
     try:
         port = bind_ephemeral(sock)
@@ -119,27 +120,171 @@ async def open_worker(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(channel.run)
-            process = await _start_process(argv, port, options, core)
+            supervisor = _Supervisor(argv, port, core, channel, tg)
             try:
-                output = _ChildOutput(core)
-                assert process.stdout is not None
-                assert process.stderr is not None
-                tg.start_soon(output.pump, process.stdout, "stdout")
-                tg.start_soon(output.pump, process.stderr, "stderr")
-                exited = anyio.Event()
-                tg.start_soon(_supervise, process, core, output, exited)
-                await _wait_ready(core, process, output, options.start_timeout)
-                log.debug("worker %s ready", name, extra={"worker": name, "pid": process.pid})
-                tg.start_soon(heartbeat_loop, core)
+                await supervisor.start()
+                tg.start_soon(supervisor.run)
+                tg.start_soon(heartbeat_loop, core, supervisor.kill_hung_child)
                 yield Worker._for(core)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await _stop(process, core, options, exited)
+                    await supervisor.stop()
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _single_error(group) from None
     finally:
         channel.close()
+
+
+class _Child:
+    """One incarnation of the worker process."""
+
+    def __init__(self, process: anyio.abc.Process, core: WorkerCore) -> None:
+        self.process = process
+        self.output = _ChildOutput(core)
+        self.exited = anyio.Event()
+
+
+class _Supervisor:
+    """Starts the child, waits for it to exit, restarts it if the options say so, and
+    stops it for sure. The socket, its reader and the heartbeat task outlive children:
+    a restarted child connects to the same port."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        port: int,
+        core: WorkerCore,
+        channel: Channel,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        self._argv = argv
+        self._port = port
+        self._core = core
+        self._channel = channel
+        self._options = core.options
+        self._tg = tg
+        self._child: _Child | None = None
+        self._stopping = False
+        self._restarts: collections.deque[float] = collections.deque()
+
+    async def start(self) -> None:
+        """Start a child and wait until it answers; WorkerStartError if it never does."""
+        core = self._core
+        process = await _start_process(self._argv, self._port, self._options, core)
+        child = self._child = _Child(process, core)
+        assert process.stdout is not None
+        assert process.stderr is not None
+        self._tg.start_soon(child.output.pump, process.stdout, "stdout")
+        self._tg.start_soon(child.output.pump, process.stderr, "stderr")
+        self._tg.start_soon(self._watch, child)
+        core.attach(self._channel)
+        try:
+            with anyio.fail_after(self._options.start_timeout):
+                await core.ping()
+        except TimeoutError:
+            _signal(process, terminate=False)
+            await child.exited.wait()
+            raise WorkerStartError(
+                f"worker {core.name} did not answer within {self._options.start_timeout} s",
+                exit_code=process.returncode,
+                stderr_tail=child.output.tail_text(),
+            ) from None
+        except WorkerDied as died:
+            raise WorkerStartError(
+                f"worker {core.name} exited during start-up with code {died.exit_code}",
+                exit_code=died.exit_code,
+                stderr_tail=died.stderr_tail,
+            ) from None
+        log.info("worker %s ready", core.name, extra=core.log_extra())
+
+    async def _watch(self, child: _Child) -> None:
+        """Wait for ``child`` to exit, then fail every pending call at once."""
+        process, core = child.process, self._core
+        # Shielded: ``exited`` must mean the child is gone, even while the worker's task
+        # group is being cancelled; ``stop`` makes sure it does go.
+        with anyio.CancelScope(shield=True):
+            code = await process.wait()
+        child.exited.set()
+        fd = _death_pipes.pop(process.pid, None)
+        if fd is not None:
+            os.close(fd)
+        with anyio.move_on_after(_STDERR_SETTLE_SECONDS):
+            await child.output.stderr_closed.wait()
+            await child.output.stdout_closed.wait()
+        tail = child.output.tail_text()
+        message = f"worker {core.name} (pid {process.pid}) exited with code {code}"
+        if not self._stopping:
+            level = logging.DEBUG if code == 0 else logging.WARNING
+            log.log(level, message, extra={**core.log_extra(), "exit_code": code})
+            core.breaker.failure()
+        core.fail_all(lambda: WorkerDied(message, exit_code=code, stderr_tail=tail))
+        await process.aclose()
+
+    async def run(self) -> None:
+        """Restart children that die, within ``max_restarts`` per ``restart_window``."""
+        options, core = self._options, self._core
+        backoff = options.restart_backoff
+        while True:
+            child = self._child
+            assert child is not None
+            await child.exited.wait()
+            if self._stopping:
+                return
+            now = anyio.current_time()
+            while self._restarts and now - self._restarts[0] > options.restart_window:
+                self._restarts.popleft()
+            if len(self._restarts) >= options.max_restarts:
+                if options.max_restarts:
+                    given_up = (
+                        f"worker {core.name} died {len(self._restarts) + 1} times within "
+                        f"{options.restart_window} s; not restarting it again"
+                    )
+                    log.error(given_up, extra=core.log_extra())
+                    core.fail_all(lambda: WorkerDied(given_up))  # noqa: B023 (returns)
+                    core.breaker.force_open()
+                return
+            self._restarts.append(now)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+            core.metrics.restarts += 1
+            log.warning("restarting worker %s", core.name, extra=core.log_extra())
+            try:
+                await self.start()
+            except WorkerStartError as exc:
+                log.warning("restart of %s failed: %s", core.name, exc, extra=core.log_extra())
+                continue
+            backoff = options.restart_backoff
+
+    def kill_hung_child(self) -> None:
+        """Heartbeats are lost: with restarts on, kill the hung child so it is replaced."""
+        child = self._child
+        if child is not None and self._options.max_restarts and not self._stopping:
+            _signal(child.process, terminate=False)
+
+    async def stop(self) -> None:
+        """shutdown -> grace -> SIGTERM -> grace -> SIGKILL; returns once the child is reaped."""
+        self._stopping = True
+        child, core, options = self._child, self._core, self._options
+        if child is not None:
+            process = child.process
+            if process.returncode is None:
+                core.send_nowait(m.make_shutdown())
+                with anyio.move_on_after(options.shutdown_grace):
+                    await child.exited.wait()
+            if process.returncode is None:
+                log.info("worker %s ignored shutdown; sending SIGTERM", core.name)
+                _signal(process, terminate=True)
+                with anyio.move_on_after(options.kill_grace):
+                    await child.exited.wait()
+            if process.returncode is None:
+                log.warning("worker %s ignored SIGTERM; sending SIGKILL", core.name)
+                _signal(process, terminate=False)
+            await child.exited.wait()
+            await process.aclose()
+        if not core.failed:
+            core.fail_all(lambda: WorkerDied(f"worker {core.name} was stopped"))
+        log.info("worker %s stopped", core.name, extra=core.log_extra())
 
 
 async def _start_process(
@@ -173,71 +318,6 @@ async def _start_process(
 
 _death_pipes: dict[int, int] = {}
 
-
-async def _supervise(
-    process: anyio.abc.Process,
-    core: WorkerCore,
-    output: _ChildOutput,
-    exited: anyio.Event,
-) -> None:
-    """Wait for the child to exit, then fail every pending call at once."""
-    try:
-        code = await process.wait()
-    finally:
-        exited.set()
-        fd = _death_pipes.pop(process.pid, None)
-        if fd is not None:
-            os.close(fd)
-    with anyio.move_on_after(_STDERR_SETTLE_SECONDS):
-        await output.stderr_closed.wait()
-    tail = output.tail_text()
-    message = f"worker {core.name} (pid {process.pid}) exited with code {code}"
-    if not core.failed:
-        log.debug(message, extra={"worker": core.name, "pid": process.pid, "exit_code": code})
-        core.fail_all(lambda: WorkerDied(message, exit_code=code, stderr_tail=tail))
-
-
-async def _wait_ready(
-    core: WorkerCore, process: anyio.abc.Process, output: _ChildOutput, timeout: float
-) -> None:
-    """Readiness = the child echoed a heartbeat (every peer does); no fixed sleeps."""
-    try:
-        with anyio.fail_after(timeout):
-            await core.ping()
-    except TimeoutError:
-        raise WorkerStartError(
-            f"worker {core.name} did not answer within {timeout} s",
-            exit_code=process.returncode,
-            stderr_tail=output.tail_text(),
-        ) from None
-    except WorkerDied as died:
-        raise WorkerStartError(
-            f"worker {core.name} exited during start-up with code {died.exit_code}",
-            exit_code=died.exit_code,
-            stderr_tail=died.stderr_tail,
-        ) from None
-
-
-async def _stop(
-    process: anyio.abc.Process, core: WorkerCore, options: SpawnOptions, exited: anyio.Event
-) -> None:
-    """shutdown -> grace -> SIGTERM -> grace -> SIGKILL; returns once the child is reaped."""
-    if process.returncode is None:
-        core.send_nowait(m.make_shutdown())
-        with anyio.move_on_after(options.shutdown_grace):
-            await exited.wait()
-    if process.returncode is None:
-        log.debug("worker %s ignored shutdown; sending SIGTERM", core.name)
-        _signal(process, terminate=True)
-        with anyio.move_on_after(options.kill_grace):
-            await exited.wait()
-    if process.returncode is None:
-        log.debug("worker %s ignored SIGTERM; sending SIGKILL", core.name)
-        _signal(process, terminate=False)
-        await exited.wait()
-    if not core.failed:
-        core.fail_all(lambda: WorkerDied(f"worker {core.name} was stopped"))
-    await process.aclose()
 
 
 def _signal(process: anyio.abc.Process, *, terminate: bool) -> None:

@@ -123,9 +123,14 @@ async def heartbeat_loop(core: WorkerCore, on_lost: Callable[[], None] | None = 
     if options.heartbeat_interval <= 0:
         return
     misses = 0
+    # Heartbeats keep a fixed cadence (the wait for an echo does not delay the next one),
+    # so a hang is noticed within interval x max_misses + timeout.
+    next_beat = anyio.current_time()
     while True:
-        await anyio.sleep(options.heartbeat_interval)
-        if core.failed:
+        next_beat += options.heartbeat_interval
+        await anyio.sleep(max(0.0, next_beat - anyio.current_time()))
+        next_beat = max(next_beat, anyio.current_time() - options.heartbeat_interval)
+        if core.failed or core.starting:
             misses = 0
             continue
         with anyio.move_on_after(options.heartbeat_timeout):

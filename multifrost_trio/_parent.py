@@ -110,9 +110,12 @@ class WorkerCore:
         self._pending: dict[str, _Slot] = {}
         self._heartbeats: dict[str, _Slot] = {}
         self._failure: Callable[[], BaseException] | None = None
+        self._restarted: anyio.Event | None = None
         self._room_waiters: collections.deque[anyio.Event] = collections.deque()
         self._cancelled_exc = anyio.get_cancelled_exc_class()
         self._healthy = True
+        self.starting = False
+        """A child is starting; its readiness heartbeat is the only one that counts."""
         self.breaker = CircuitBreaker(
             options.circuit_threshold, options.circuit_cooldown, self._circuit_changed
         )
@@ -131,6 +134,11 @@ class WorkerCore:
     @property
     def failed(self) -> bool:
         return self._failure is not None
+
+    @property
+    def restarting(self) -> bool:
+        """The child died and a new one is being started; calls wait for it."""
+        return self._restarted is not None
 
     @property
     def healthy(self) -> bool:
@@ -159,11 +167,33 @@ class WorkerCore:
         self.channel = channel
         self._failure = None
         self._healthy = True
+        self._end_restart()
 
-    def fail_all(self, make_error: Callable[[], BaseException]) -> None:
-        """Fail every pending call and heartbeat now, and refuse new calls until ``attach``."""
+    def fail_all(
+        self, make_error: Callable[[], BaseException], *, restarting: bool = False
+    ) -> None:
+        """Fail every pending call and heartbeat now. New calls wait for the restart when
+        ``restarting``, else they are refused until ``attach``."""
         self._failure = make_error
+        if restarting:
+            if self._restarted is None:
+                self._restarted = anyio.Event()
+        else:
+            self._end_restart()
         self.fail_pending(make_error)
+
+    def _end_restart(self) -> None:
+        if self._restarted is not None:
+            self._restarted.set()
+            self._restarted = None
+
+    async def _check_usable(self) -> None:
+        """Raise the worker's failure; while it restarts, wait for the new child instead."""
+        while self._failure is not None:
+            restarted = self._restarted
+            if restarted is None:
+                raise self._failure()
+            await restarted.wait()
 
     def fail_pending(self, make_error: Callable[[], BaseException]) -> None:
         """Fail every pending call and heartbeat now (new calls are still accepted)."""
@@ -249,7 +279,7 @@ class WorkerCore:
         client_name: str | None,
     ) -> Any:
         if self._failure is not None:
-            raise self._failure()
+            await self._check_usable()
         message = m.make_call(function, args, namespace, client_name)
         probe = self.breaker.try_acquire()
         if probe is None:
@@ -379,6 +409,7 @@ class WorkerCore:
         sent_at: float = message["timestamp"]
         rtt_ms = max(0.0, (time.time() - sent_at) * 1000.0)
         self.last_rtt_ms = rtt_ms
+        self._healthy = True
         self.metrics.heartbeat_rtts.append(rtt_ms)
         return rtt_ms
 
@@ -463,6 +494,13 @@ class Worker:
             namespace=self._namespace if namespace is _UNSET else namespace,
             client_name=self._client_name if client_name is _UNSET else client_name,
         )
+
+    async def ping(self) -> float:
+        """Send a heartbeat now and return its round trip in milliseconds.
+
+        Raises :class:`WorkerDied` if the worker is gone; bound it with a cancel scope.
+        """
+        return await self._core.ping()
 
     async def list_functions(self) -> list[str]:
         """The function names the worker exposes."""

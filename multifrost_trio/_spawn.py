@@ -131,7 +131,16 @@ async def open_worker(
                     await supervisor.stop()
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _single_error(group) from None
+        error = _single_error(group)
+        if error is group:
+            raise
+        # Re-raise the one real error as it was: keep its own cause and context.
+        context, suppress = error.__context__, error.__suppress_context__
+        try:
+            raise error
+        finally:
+            error.__context__, error.__suppress_context__ = context, suppress
+            del error, group
     finally:
         channel.close()
 
@@ -179,6 +188,7 @@ class _Supervisor:
         self._tg.start_soon(child.output.pump, process.stderr, "stderr")
         self._tg.start_soon(self._watch, child)
         core.attach(self._channel)
+        core.starting = True
         try:
             with anyio.fail_after(self._options.start_timeout):
                 await core.ping()
@@ -196,6 +206,8 @@ class _Supervisor:
                 exit_code=died.exit_code,
                 stderr_tail=died.stderr_tail,
             ) from None
+        finally:
+            core.starting = False
         log.info("worker %s ready", core.name, extra=core.log_extra())
 
     async def _watch(self, child: _Child) -> None:
@@ -203,23 +215,45 @@ class _Supervisor:
         process, core = child.process, self._core
         # Shielded: ``exited`` must mean the child is gone, even while the worker's task
         # group is being cancelled; ``stop`` makes sure it does go.
-        with anyio.CancelScope(shield=True):
-            code = await process.wait()
-        child.exited.set()
-        fd = _death_pipes.pop(process.pid, None)
-        if fd is not None:
-            os.close(fd)
-        with anyio.move_on_after(_STDERR_SETTLE_SECONDS):
-            await child.output.stderr_closed.wait()
-            await child.output.stdout_closed.wait()
-        tail = child.output.tail_text()
-        message = f"worker {core.name} (pid {process.pid}) exited with code {code}"
-        if not self._stopping:
-            level = logging.DEBUG if code == 0 else logging.WARNING
-            log.log(level, message, extra={**core.log_extra(), "exit_code": code})
-            core.breaker.failure()
-        core.fail_all(lambda: WorkerDied(message, exit_code=code, stderr_tail=tail))
+        try:
+            with anyio.CancelScope(shield=True):
+                code = await process.wait()
+            fd = _death_pipes.pop(process.pid, None)
+            if fd is not None:
+                os.close(fd)
+            with anyio.move_on_after(_STDERR_SETTLE_SECONDS):
+                await child.output.stderr_closed.wait()
+                await child.output.stdout_closed.wait()
+            tail = child.output.tail_text()
+            message = f"worker {core.name} (pid {process.pid}) exited with code {code}"
+            restarting = self._will_restart()
+            if not self._stopping:
+                level = logging.DEBUG if code == 0 else logging.WARNING
+                log.log(level, message, extra={**core.log_extra(), "exit_code": code})
+                core.breaker.failure()
+                if self._options.max_restarts and not restarting:
+                    message += (
+                        f"; it died {len(self._restarts) + 1} times within "
+                        f"{self._options.restart_window} s, not restarting it again"
+                    )
+                    log.error(message, extra=core.log_extra())
+                    core.breaker.force_open()
+            core.fail_all(
+                lambda: WorkerDied(message, exit_code=code, stderr_tail=tail),
+                restarting=restarting,
+            )
+        finally:
+            child.exited.set()
         await process.aclose()
+
+    def _will_restart(self) -> bool:
+        """Would a child that died now be restarted (``max_restarts`` per window)?"""
+        if self._stopping or not self._options.max_restarts:
+            return False
+        now = anyio.current_time()
+        while self._restarts and now - self._restarts[0] > self._options.restart_window:
+            self._restarts.popleft()
+        return len(self._restarts) < self._options.max_restarts
 
     async def run(self) -> None:
         """Restart children that die, within ``max_restarts`` per ``restart_window``."""
@@ -231,20 +265,9 @@ class _Supervisor:
             await child.exited.wait()
             if self._stopping:
                 return
-            now = anyio.current_time()
-            while self._restarts and now - self._restarts[0] > options.restart_window:
-                self._restarts.popleft()
-            if len(self._restarts) >= options.max_restarts:
-                if options.max_restarts:
-                    given_up = (
-                        f"worker {core.name} died {len(self._restarts) + 1} times within "
-                        f"{options.restart_window} s; not restarting it again"
-                    )
-                    log.error(given_up, extra=core.log_extra())
-                    core.fail_all(lambda: WorkerDied(given_up))  # noqa: B023 (returns)
-                    core.breaker.force_open()
+            if not core.restarting:  # decided (and reported) by _watch
                 return
-            self._restarts.append(now)
+            self._restarts.append(anyio.current_time())
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
             core.metrics.restarts += 1
@@ -258,8 +281,11 @@ class _Supervisor:
 
     def kill_hung_child(self) -> None:
         """Heartbeats are lost: with restarts on, kill the hung child so it is replaced."""
-        child = self._child
-        if child is not None and self._options.max_restarts and not self._stopping:
+        child, core = self._child, self._core
+        if child is not None and self._will_restart():
+            # Doomed from now on: later calls wait for its replacement.
+            hung = f"worker {core.name} was hung and is being replaced"
+            core.fail_all(lambda: WorkerDied(hung), restarting=True)
             _signal(child.process, terminate=False)
 
     async def stop(self) -> None:
@@ -282,7 +308,7 @@ class _Supervisor:
                 _signal(process, terminate=False)
             await child.exited.wait()
             await process.aclose()
-        if not core.failed:
+        if not core.failed or core.restarting:
             core.fail_all(lambda: WorkerDied(f"worker {core.name} was stopped"))
         log.info("worker %s stopped", core.name, extra=core.log_extra())
 

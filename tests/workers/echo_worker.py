@@ -99,6 +99,27 @@ class EchoWorker(ChildWorker):
     def crash(self, code: int) -> None:
         os._exit(code)
 
+    @inline
+    def hog(self, seconds: float) -> str:
+        """Never yields to the event loop for ``seconds`` (heartbeats go unanswered)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        return "done"
+
+    def flood(self, lines: int) -> int:
+        """Print ``lines`` lines as fast as possible."""
+        for i in range(lines):
+            print(f"line {i}")
+        return lines
+
+    async def wait_abandoned(self, count: int, timeout: float) -> int:
+        """Wait (at most ``timeout``) until ``count`` sync results were dropped."""
+        with trio.move_on_after(timeout):
+            while self.counters.abandoned_results < count:
+                await trio.sleep(0.01)
+        return self.counters.abandoned_results
+
     def _private(self) -> str:
         return "secret"
 

@@ -1,0 +1,447 @@
+"""Heartbeats, circuit breaker, metrics, restarts and output handling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+import trio
+import trio.testing
+
+import multifrost_trio as mf
+from multifrost_trio._health import CircuitBreaker, CircuitState, heartbeat_loop
+from multifrost_trio._metrics import LATENCY_SAMPLES, Metrics
+from multifrost_trio._parent import SpawnOptions, WorkerCore
+from tests.conftest import worker_path
+
+ECHO = worker_path("echo_worker.py")
+QUIET = mf.SpawnOptions(output=lambda stream, line: None)
+
+
+def run_with_mock_clock(test: Callable[[], Any]) -> None:
+    trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# ---------------------------------------------------------------- breaker (mock clock)
+
+
+def test_breaker_opens_after_threshold_and_recovers_through_one_probe() -> None:
+    async def scenario() -> None:
+        changes: list[tuple[str, str]] = []
+        breaker = CircuitBreaker(3, 10.0, lambda old, new: changes.append((old, new)))
+        for _ in range(2):
+            assert breaker.try_acquire() is False
+            breaker.failure()
+        assert breaker.state is CircuitState.CLOSED
+        breaker.failure()
+        assert breaker.state is CircuitState.OPEN
+        assert breaker.trips == 1
+        assert breaker.try_acquire() is None  # refused while open
+        await trio.sleep(9.9)
+        assert breaker.try_acquire() is None
+        await trio.sleep(0.1)
+        assert breaker.state is CircuitState.HALF_OPEN
+        assert breaker.try_acquire() is True  # the one probe
+        assert breaker.try_acquire() is None  # no second probe
+        breaker.success(probe=True)
+        assert breaker.state is CircuitState.CLOSED
+        assert breaker.try_acquire() is False
+        assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+    run_with_mock_clock(scenario)
+
+
+def test_breaker_failed_probe_reopens_and_cancelled_probe_frees_the_slot() -> None:
+    async def scenario() -> None:
+        breaker = CircuitBreaker(1, 5.0)
+        breaker.failure()
+        await trio.sleep(5)
+        assert breaker.try_acquire() is True
+        breaker.neutral(probe=True)  # the caller gave up: another probe may go
+        assert breaker.try_acquire() is True
+        breaker.failure(probe=True)
+        assert breaker.state is CircuitState.OPEN
+        assert breaker.trips == 2
+        await trio.sleep(4.9)
+        assert breaker.state is CircuitState.OPEN
+        await trio.sleep(0.1)
+        assert breaker.state is CircuitState.HALF_OPEN
+
+    run_with_mock_clock(scenario)
+
+
+def test_breaker_success_resets_the_consecutive_count() -> None:
+    breaker = CircuitBreaker(3, 1.0)
+
+    async def scenario() -> None:
+        for _ in range(10):
+            breaker.failure()
+            breaker.failure()
+            breaker.success()
+        assert breaker.state is CircuitState.CLOSED
+        assert breaker.trips == 0
+
+    run_with_mock_clock(scenario)
+
+
+# ------------------------------------------------------------- heartbeats (mock clock)
+
+
+class _FakeCore:
+    """Just what ``heartbeat_loop`` uses of a WorkerCore; ``ping`` answers or hangs."""
+
+    def __init__(self, options: SpawnOptions) -> None:
+        real = WorkerCore("fake", options)
+        self.name = "fake"
+        self.pid = None
+        self.options = options
+        self.metrics = real.metrics
+        self.breaker = real.breaker
+        self.failed = False
+        self.starting = False
+        self.answering = True
+        self.healthy = True
+        self.failures: list[float] = []
+
+    def log_extra(self) -> dict[str, Any]:
+        return {}
+
+    def set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+
+    async def ping(self) -> float:
+        if not self.answering:
+            await trio.sleep_forever()
+        return 1.0
+
+    def fail_pending(self, make_error: Callable[[], BaseException]) -> None:
+        assert isinstance(make_error(), mf.WorkerDied)
+        self.failures.append(trio.current_time())
+
+
+def test_heartbeat_misses_are_detected_in_interval_times_misses_plus_timeout() -> None:
+    options = SpawnOptions(heartbeat_interval=5.0, heartbeat_timeout=3.0, heartbeat_max_misses=3)
+
+    async def scenario() -> None:
+        core = _FakeCore(options)
+        lost: list[float] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat_loop, core, lambda: lost.append(trio.current_time()))
+            await trio.sleep(12)  # two answered heartbeats
+            assert core.metrics.heartbeat_misses == 0
+            hung_at = trio.current_time()
+            core.answering = False
+            await trio.sleep(40)
+            assert core.failures
+            assert lost == core.failures[:1]
+            detected_after = core.failures[0] - hung_at
+            # The bound the issue states: interval x misses + timeout.
+            assert detected_after <= 5.0 * 3 + 3.0
+            assert not core.healthy
+            assert core.metrics.heartbeat_misses >= 3
+            # Recovery without restarting anything: the next echo makes it healthy again.
+            core.answering = True
+            await trio.sleep(8.1)
+            assert core.healthy
+            nursery.cancel_scope.cancel()
+
+    run_with_mock_clock(scenario)
+
+
+def test_heartbeat_interval_zero_disables_them() -> None:
+    async def scenario() -> None:
+        core = _FakeCore(SpawnOptions(heartbeat_interval=0))
+        with trio.move_on_after(1):
+            await heartbeat_loop(core)  # type: ignore[arg-type]
+            return
+        pytest.fail("heartbeat loop kept running with interval 0")
+
+    run_with_mock_clock(scenario)
+
+
+def test_heartbeat_closes_a_half_open_circuit() -> None:
+    options = SpawnOptions(heartbeat_interval=1.0, circuit_threshold=1, circuit_cooldown=2.0)
+
+    async def scenario() -> None:
+        core = _FakeCore(options)
+        core.breaker.failure()
+        assert core.breaker.state is CircuitState.OPEN
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat_loop, core)
+            await trio.sleep(1.5)
+            assert core.breaker.state is CircuitState.OPEN  # cool-down not over
+            await trio.sleep(1.0)
+            assert core.breaker.state is CircuitState.CLOSED
+            nursery.cancel_scope.cancel()
+
+    run_with_mock_clock(scenario)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_latency_samples_are_bounded() -> None:
+    metrics = Metrics()
+    for i in range(LATENCY_SAMPLES * 3):
+        metrics.record("f", "success", i / 1e6)
+    snapshot = metrics.snapshot()
+    assert snapshot.requests_total == LATENCY_SAMPLES * 3
+    assert len(metrics._all.latencies) == LATENCY_SAMPLES
+    assert snapshot.latency_min_ms == 0.0
+    assert snapshot.latency_max_ms == pytest.approx((LATENCY_SAMPLES * 3 - 1) / 1e3)
+
+
+@pytest.mark.anyio
+async def test_counters_are_exact() -> None:
+    """N ok, M remote errors, K timeouts and J cancels are counted exactly."""
+    n, m_, k, j = 7, 3, 2, 4
+    with anyio.fail_after(60):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            for i in range(n):
+                await worker.call.add(i, 1)
+            for _ in range(m_):
+                with pytest.raises(mf.RemoteCallError):
+                    await worker.call.fail("x")
+            for _ in range(k):
+                with pytest.raises(mf.CallTimeout):
+                    await worker.with_options(timeout=0.05).call.sleep(5)
+            for _ in range(j):
+                with anyio.move_on_after(0.05):
+                    await worker.call.sleep(5)
+            snapshot = worker.metrics()
+    assert snapshot.requests_total == n + m_ + k + j
+    assert snapshot.requests_success == n
+    assert snapshot.requests_failed == m_
+    assert snapshot.requests_timeout == k
+    assert snapshot.requests_cancelled == j
+    assert snapshot.success_rate == pytest.approx(n / (n + m_ + k + j))
+    assert snapshot.functions["add"].requests_success == n
+    assert snapshot.functions["fail"].requests_failed == m_
+    assert snapshot.functions["sleep"].requests_total == k + j
+    assert snapshot.in_flight == 0
+    assert snapshot.circuit_breaker_state == "closed"
+    assert snapshot.heartbeat_rtt_last_ms is not None  # the readiness heartbeat
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+@pytest.mark.anyio
+async def test_circuit_opens_on_timeouts_and_recovers() -> None:
+    options = SpawnOptions(
+        circuit_threshold=3, circuit_cooldown=0.3, heartbeat_interval=0, output=lambda s, x: None
+    )
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            quick = worker.with_options(timeout=0.05)
+            for _ in range(3):
+                with pytest.raises(mf.CallTimeout):
+                    await quick.call.sleep(5)
+            assert worker.circuit_open
+            started = worker.metrics().requests_total
+            with pytest.raises(mf.CircuitOpenError):
+                await worker.call.add(1, 2)
+            assert worker.metrics().requests_total == started  # refused without sending
+            await anyio.sleep(0.35)  # the cool-down itself
+            assert await worker.call.add(1, 2) == 3  # the probe
+            assert not worker.circuit_open
+            snapshot = worker.metrics()
+            assert snapshot.circuit_breaker_trips == 1
+            # A remote error does not count by default.
+            for _ in range(5):
+                with pytest.raises(mf.RemoteCallError):
+                    await worker.call.fail("app error")
+            assert not worker.circuit_open
+
+
+@pytest.mark.anyio
+async def test_remote_errors_count_when_asked() -> None:
+    options = SpawnOptions(
+        circuit_threshold=2, circuit_counts_remote_errors=True, output=lambda s, x: None
+    )
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            for _ in range(2):
+                with pytest.raises(mf.RemoteCallError):
+                    await worker.call.fail("x")
+            assert worker.circuit_open
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hang", ["sigstop", "busy_loop"])
+async def test_a_hung_child_is_detected_and_pending_calls_fail(hang: str) -> None:
+    interval, timeout, misses = 0.2, 0.2, 2
+    options = SpawnOptions(
+        heartbeat_interval=interval,
+        heartbeat_timeout=timeout,
+        heartbeat_max_misses=misses,
+        output=lambda s, x: None,
+    )
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            assert worker.pid is not None
+            pid = worker.pid
+            failed: list[float] = []
+
+            async def pending(function: str, *args: Any) -> None:
+                with pytest.raises(mf.WorkerDied, match="heartbeats"):
+                    await worker.call(function, *args)
+                failed.append(anyio.current_time())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pending, "sleep", 30)
+                while worker.pending_calls < 1:
+                    await anyio.sleep(0.01)
+                hung_at = anyio.current_time()
+                if hang == "sigstop":
+                    os.kill(pid, signal.SIGSTOP)
+                else:
+                    tg.start_soon(pending, "hog", 2.0)
+            # interval x misses + timeout, plus one interval of phase and some slack.
+            assert failed[0] - hung_at < interval * (misses + 1) + timeout + 0.5
+            assert not worker.is_healthy
+            if hang == "sigstop":
+                os.kill(pid, signal.SIGCONT)
+            with anyio.fail_after(5):
+                await worker.ping()
+            assert worker.is_healthy
+            assert await worker.call.add(1, 1) == 2
+            assert worker.metrics().heartbeat_misses >= misses
+
+
+@pytest.mark.anyio
+async def test_restarts_keep_the_worker_usable_then_give_up() -> None:
+    options = SpawnOptions(max_restarts=5, restart_backoff=0.01, output=lambda s, x: None)
+    with anyio.fail_after(60):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            pids = {worker.pid}
+            for _ in range(5):
+                with pytest.raises(mf.WorkerDied):
+                    await worker.call.crash(1)
+                # Calls made while the child restarts wait for the new one.
+                assert await worker.call.add(2, 2) == 4
+                pids.add(worker.pid)
+            assert len(pids) == 6
+            assert worker.metrics().restarts == 5
+            with pytest.raises(mf.WorkerDied):
+                await worker.call.crash(1)
+            with pytest.raises(mf.WorkerDied, match="not restarting"):
+                await worker.call.add(1, 1)
+            assert worker.circuit_open
+            assert not worker.is_healthy
+
+
+@pytest.mark.anyio
+async def test_a_hung_child_is_replaced_when_restarts_are_on() -> None:
+    options = SpawnOptions(
+        max_restarts=1,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=0.2,
+        heartbeat_max_misses=2,
+        output=lambda s, x: None,
+    )
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            first = worker.pid
+            assert first is not None
+            os.kill(first, signal.SIGSTOP)
+            with pytest.raises(mf.WorkerDied):
+                await worker.call.sleep(30)
+            assert await worker.call.add(3, 4) == 7
+            assert worker.pid != first
+
+
+@pytest.mark.anyio
+async def test_a_sync_handler_outliving_its_deadline_is_dropped_and_counted() -> None:
+    """Policy: the thread is not interrupted; it finishes and its result is dropped."""
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            started = anyio.current_time()
+            with pytest.raises(mf.CallTimeout):
+                await worker.with_options(timeout=0.1).call.block(0.5)
+            assert anyio.current_time() - started < 0.4  # released on time
+            assert await worker.call.wait_abandoned(1, 5.0) == 1
+            stats = await worker.call.stats()
+            assert stats["calls_cancelled"] == 1
+            assert stats["calls_succeeded"] >= 1
+
+
+@pytest.mark.anyio
+async def test_output_flood_neither_blocks_calls_nor_loses_lines() -> None:
+    lines: list[str] = []
+    options = SpawnOptions(output=lambda stream, line: lines.append(line))
+    with anyio.fail_after(120):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.call.flood, 100_000)
+                for i in range(200):
+                    with anyio.fail_after(2):  # no call waits behind the flood
+                        assert await worker.call.add(i, 1) == i + 1
+            assert await worker.call.add(0, 0) == 0
+    assert len(lines) == 100_000
+    assert lines[0] == "line 0"
+    assert lines[-1] == "line 99999"
+
+
+@pytest.mark.anyio
+async def test_output_can_go_to_a_logger(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.worker_output")
+    options = SpawnOptions(output=logger)
+    with caplog.at_level(logging.INFO, logger="tests.worker_output"), anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            await worker.call.shout("logged")
+    records = [r for r in caplog.records if r.name == "tests.worker_output"]
+    assert ("logged", logging.INFO) in [(r.getMessage(), r.levelno) for r in records]
+    assert ("err:logged", logging.WARNING) in [(r.getMessage(), r.levelno) for r in records]
+    assert all(getattr(r, "worker", None) == "echo_worker.py" for r in records)
+
+
+@pytest.mark.anyio
+async def test_lifecycle_events_are_logged_with_structured_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="multifrost_trio"), anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            pid = worker.pid
+    ours = [r for r in caplog.records if r.name.startswith("multifrost_trio")]
+    messages = [r.getMessage() for r in ours]
+    assert any("ready" in text for text in messages)
+    assert any("stopped" in text for text in messages)
+    assert all(getattr(r, "pid", pid) == pid for r in ours if hasattr(r, "worker"))
+
+
+def test_ctrl_c_in_a_parent_with_three_workers() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, worker_path("ctrl_c_parent.py"), ECHO],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], 30)
+        assert ready, "parent never reported its workers"
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 3
+        pidfds = [os.pidfd_open(pid) for pid in pids]
+        try:
+            parent.send_signal(signal.SIGINT)
+            parent.wait(timeout=2)
+            assert "KeyboardInterrupt" in (parent.stderr.read() if parent.stderr else "")
+            for pidfd in pidfds:  # the children were reaped by the parent: already gone
+                done, _, _ = select.select([pidfd], [], [], 0)
+                assert done
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)

@@ -7,6 +7,7 @@ JavaScript, Go, Rust and Python/asyncio implementations.
 import logging as _logging
 
 from ._child import ChildCounters, ChildWorker, inline
+from ._connect import connect_worker
 from ._errors import (
     CallTimeout,
     CircuitOpenError,
@@ -17,8 +18,11 @@ from ._errors import (
     WorkerDied,
     WorkerStartError,
 )
+from ._health import CircuitState
 from ._metrics import FunctionMetrics, MetricsSnapshot
 from ._parent import OutputSink, SpawnOptions, Worker
+from ._registry import RegistryError, ServiceEntry, list_services
+from ._security import CurveClient, CurveServer, SecurityError, generate_keypair
 from ._spawn import open_worker
 
 __version__ = "0.1.0"
@@ -32,18 +36,27 @@ __all__ = [
     "ChildCounters",
     "ChildWorker",
     "CircuitOpenError",
+    "CircuitState",
+    "CurveClient",
+    "CurveServer",
     "EncodeError",
     "FunctionMetrics",
     "MetricsSnapshot",
     "MultifrostError",
     "OutputSink",
+    "RegistryError",
     "RemoteCallError",
+    "SecurityError",
+    "ServiceEntry",
     "ServiceNotFound",
     "SpawnOptions",
     "Worker",
     "WorkerDied",
     "WorkerStartError",
     "__version__",
+    "connect_worker",
+    "generate_keypair",
     "inline",
+    "list_services",
     "open_worker",
 ]

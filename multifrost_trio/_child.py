@@ -21,6 +21,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
 import msgpack
@@ -29,6 +30,9 @@ import trio
 import zmq
 
 from . import _messages as m
+from . import _registry
+from ._errors import MultifrostError
+from ._security import CurveServer
 from ._transport import Channel, new_socket
 
 log = logging.getLogger("multifrost_trio.child")
@@ -268,6 +272,14 @@ class ChildWorker:
     when their caller gives up; sync methods run on worker threads unless marked with
     :func:`inline`. Start it with ``MyWorker().run()`` (blocking) or
     ``await MyWorker().serve()`` inside a trio program.
+
+    Spawn mode (the default) serves the parent that started this process. Connect mode,
+    chosen by ``service_id`` and/or ``bind``: the worker binds (``bind``, default
+    ``tcp://127.0.0.1:0``, an ephemeral loopback port), registers ``service_id`` in the
+    service registry (``registry_dir`` overrides its location), serves any number of
+    parents, and unregisters on exit. ``curve`` turns on CURVE encryption and a client
+    allow-list. ``allow_remote_shutdown``: whether a ``shutdown`` message stops the worker
+    (default: yes in spawn mode, no in connect mode, where callers share it).
     """
 
     namespace: str = m.DEFAULT_NAMESPACE
@@ -285,6 +297,11 @@ class ChildWorker:
         namespace: str | None = None,
         max_concurrency: int | None = None,
         sync_threads: int | None = None,
+        service_id: str | None = None,
+        bind: str | None = None,
+        registry_dir: str | os.PathLike[str] | None = None,
+        curve: CurveServer | None = None,
+        allow_remote_shutdown: bool | None = None,
     ) -> None:
         if namespace is not None:
             self.namespace = namespace
@@ -294,6 +311,16 @@ class ChildWorker:
             self.sync_threads = sync_threads
         if self.max_concurrency < 1 or self.sync_threads < 1:
             raise ValueError("max_concurrency and sync_threads must be at least 1")
+        self.service_id = service_id
+        self.bind = bind
+        self.registry_dir = Path(registry_dir) if registry_dir is not None else None
+        self.curve = curve
+        self.connect_mode = service_id is not None or bind is not None
+        self.allow_remote_shutdown = (
+            not self.connect_mode if allow_remote_shutdown is None else allow_remote_shutdown
+        )
+        self.endpoint: str | None = None
+        """The address this worker serves on, once serving (connect mode: what it bound)."""
         self.counters = ChildCounters()
         self._functions = type(self)._callable_functions()
         self._channel: Channel | None = None
@@ -315,20 +342,35 @@ class ChildWorker:
         return sorted(self._functions)
 
     def run(self) -> None:
-        """Serve until the parent says ``shutdown``, dies, or a signal arrives (blocking).
+        """Serve until ``shutdown`` (when honoured), the parent's death (spawn mode), or
+        SIGTERM/SIGINT (blocking).
 
-        A bad ``COMLINK_ZMQ_PORT`` prints a clear message to stderr and exits with status 1.
+        A start-up problem (a bad ``COMLINK_ZMQ_PORT``, a service name owned by a live
+        process, an unusable key file or address) prints one clear line to stderr and
+        exits with status 1.
         """
         try:
-            port = _port_from_env()
-        except ValueError as exc:
+            trio.run(self.serve)
+        except (ValueError, MultifrostError, zmq.ZMQError) as exc:
             print(f"multifrost_trio worker: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
-        trio.run(self._serve_port, port)
 
-    async def serve(self) -> None:
-        """Serve inside the current trio run (see :meth:`run`)."""
-        await self._serve_port(_port_from_env())
+    async def serve(
+        self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve inside the current trio run (see :meth:`run`).
+
+        With ``await nursery.start(worker.serve)`` the start returns :attr:`endpoint` once
+        the worker is bound (and registered) or connected to its parent.
+        """
+        if self.connect_mode:
+            await self._serve_bound(task_status)
+        else:
+            port = _port_from_env()
+            sock = new_socket(zmq.ROUTER)
+            self.endpoint = f"tcp://127.0.0.1:{port}"
+            sock.connect(self.endpoint)
+            await self._serve_socket(sock, task_status, spawned=True)
 
     # ------------------------------------------------------------------ serving
 
@@ -361,12 +403,40 @@ class ChildWorker:
         cls._functions_cache = found
         return dict(found)
 
-    async def _serve_port(self, port: int) -> None:
+    async def _serve_bound(self, task_status: trio.TaskStatus[str]) -> None:
+        """Connect mode: bind, register, serve, and always unregister."""
         sock = new_socket(zmq.ROUTER)
-        sock.connect(f"tcp://127.0.0.1:{port}")
-        await self._serve_socket(sock, spawned=True)
+        authenticator = None
+        try:
+            if self.curve is not None:
+                authenticator = self.curve.apply(sock)
+            sock.bind(self.bind or "tcp://127.0.0.1:0")
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.service_id is not None:
+                port = int(self.endpoint.rsplit(":", 1)[1])
+                await _registry.aregister(self.service_id, port, directory=self.registry_dir)
+        except BaseException:
+            sock.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
+            raise
+        try:
+            log.info(
+                "worker serving on %s",
+                self.endpoint,
+                extra={"service_id": self.service_id, "pid": os.getpid()},
+            )
+            await self._serve_socket(sock, task_status, spawned=False)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.service_id is not None:
+                    await _registry.aunregister(self.service_id, directory=self.registry_dir)
+            if authenticator is not None:
+                authenticator.stop()
 
-    async def _serve_socket(self, sock: zmq.Socket[bytes], *, spawned: bool) -> None:
+    async def _serve_socket(
+        self, sock: zmq.Socket[bytes], task_status: trio.TaskStatus[str], *, spawned: bool
+    ) -> None:
         channel = Channel(sock, self._on_frames)
         self._channel = channel
         original_streams = sys.stdout, sys.stderr
@@ -383,7 +453,7 @@ class ChildWorker:
                     nursery.start_soon(self._watch_signals)
                 if spawned or os.environ.get(WORKER_MODE_ENV) == "1":
                     nursery.start_soon(self._watch_parent)
-                log.debug("worker serving", extra={"pid": os.getpid()})
+                task_status.started(self.endpoint or "")
         finally:
             for forwarder in (sys.stdout, sys.stderr):
                 if isinstance(forwarder, _OutputForwarder):
@@ -465,8 +535,12 @@ class ChildWorker:
                 job.abandoned = True
                 self.counters.calls_cancelled += 1
         elif kind == "shutdown":
-            log.debug("shutdown requested")
-            self._stop()
+            if self.allow_remote_shutdown:
+                log.debug("shutdown requested")
+                self._stop()
+            else:
+                self.counters.messages_dropped += 1
+                log.info("ignored a shutdown request: this worker is shared")
 
     def _on_call(self, identity: bytes, call: m.CallMessage) -> None:
         if call.namespace != self.namespace:

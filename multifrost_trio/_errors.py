@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
+import anyio
+
 
 class MultifrostError(Exception):
     """Root of every error this library raises on purpose."""
@@ -72,3 +76,31 @@ class EncodeError(MultifrostError, ValueError):
 
 class ServiceNotFound(MultifrostError):
     """A connect-mode service name is not (or no longer) in the registry."""
+
+
+def reraise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise the one real error of a task group as itself (cancellations are not real
+    errors), keeping its own cause and context; raise the group if there are several."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    real = [exc for exc in leaves if not isinstance(exc, anyio.get_cancelled_exc_class())]
+    if len(real) == 1:
+        error = real[0]
+    elif not real and leaves:
+        error = leaves[0]
+    else:
+        raise group
+    context, suppress = error.__context__, error.__suppress_context__
+    try:
+        raise error
+    finally:
+        error.__context__, error.__suppress_context__ = context, suppress
+        del error, group

@@ -25,7 +25,7 @@ import zmq
 
 from . import _messages as m
 from ._child import PARENT_FD_ENV, PORT_ENV, WORKER_MODE_ENV
-from ._errors import WorkerDied, WorkerStartError
+from ._errors import WorkerDied, WorkerStartError, reraise_single
 from ._health import heartbeat_loop
 from ._parent import SpawnOptions, Stream, Worker, WorkerCore, log
 from ._transport import Channel, bind_ephemeral, new_socket
@@ -131,16 +131,7 @@ async def open_worker(
                     await supervisor.stop()
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        error = _single_error(group)
-        if error is group:
-            raise
-        # Re-raise the one real error as it was: keep its own cause and context.
-        context, suppress = error.__context__, error.__suppress_context__
-        try:
-            raise error
-        finally:
-            error.__context__, error.__suppress_context__ = context, suppress
-            del error, group
+        reraise_single(group)
     finally:
         channel.close()
 
@@ -354,23 +345,3 @@ def _signal(process: anyio.abc.Process, *, terminate: bool) -> None:
             process.kill()
     except ProcessLookupError:
         pass
-
-
-def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real error of a task group, not wrapped (cancellations are not real errors)."""
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
-
-    collect(group)
-    real = [exc for exc in leaves if not isinstance(exc, anyio.get_cancelled_exc_class())]
-    if len(real) == 1:
-        return real[0]
-    if not real and leaves:
-        return leaves[0]
-    return group

@@ -104,6 +104,24 @@ class Floor:
                 self.sock.send_multipart([b"", _floor_request(i)])
         return calls / (time.perf_counter() - start)
 
+    async def trio_sequential(self, calls: int) -> float:
+        """The same exchange from one trio task sleeping on the zmq fd: the least any
+        trio-based client can do (a second floor, showing trio's own share)."""
+        sock = self.sock
+        events, pollin, noblock = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+        fd = sock.getsockopt(zmq.FD)
+        samples = []
+        for i in range(calls):
+            start = time.perf_counter()
+            sock.send(b"", zmq.SNDMORE)
+            sock.send(_floor_request(i))
+            while not sock.getsockopt(events) & pollin:
+                await trio.lowlevel.wait_readable(fd)
+            sock.recv(noblock)
+            msgpack.unpackb(sock.recv(noblock), raw=False)
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
     def close(self) -> None:
         shutdown = {"app": "comlink_ipc_v4", "id": "x", "type": "shutdown", "timestamp": 0.0}
         self.sock.send_multipart([b"", msgpack.packb(shutdown)])
@@ -170,8 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3000)
-    parser.add_argument("--heartbeat", type=float, default=None,
-                        help="heartbeat interval for the library worker (default: its default)")
+    parser.add_argument("--heartbeat", type=float, default=0.05,
+                        help="heartbeat interval of the 'heartbeats on' run (default 0.05 s)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,14 +202,14 @@ def main() -> None:
     def add(key: str, value: float) -> None:
         results.setdefault(key, []).append(value)
 
-    options = mf.SpawnOptions() if args.heartbeat is None else mf.SpawnOptions(
-        heartbeat_interval=args.heartbeat
-    )
+    options = mf.SpawnOptions(heartbeat_interval=0)
+    with_heartbeats = mf.SpawnOptions(heartbeat_interval=args.heartbeat)
     floor = Floor()
     try:
         for _ in range(args.rounds):
             add("floor_seq", floor.sequential(args.calls))
             add("floor_tput", floor.pipelined(args.calls * 3))
+            add("trio_floor_seq", trio.run(floor.trio_sequential, args.calls))
 
             async def library_round() -> None:
                 async with mf.open_worker(WORKER, options=options) as worker:
@@ -199,6 +217,9 @@ def main() -> None:
                     for kind, function in KINDS.items():
                         add(f"{kind}_seq", await lib_sequential(worker, function, args.calls))
                         add(f"{kind}_tput", await lib_pipelined(worker, function, args.calls * 3))
+                async with mf.open_worker(WORKER, options=with_heartbeats) as worker:
+                    await lib_sequential(worker, "add_async", 200)
+                    add("hb_seq", await lib_sequential(worker, "add_async", args.calls))
 
             trio.run(library_round)
             add("spawn_ready", spawn_to_ready())
@@ -220,6 +241,8 @@ def main() -> None:
     print(f"rounds={args.rounds} calls={args.calls} in_flight={IN_FLIGHT} cpus={os.cpu_count()}")
     print(f"floor (raw pyzmq): sequential {med['floor_seq'] * 1e6:.1f} us, "
           f"pipelined {med['floor_tput']:.0f} calls/s")
+    print(f"trio floor (one trio task, raw pyzmq): sequential "
+          f"{med['trio_floor_seq'] * 1e6:.1f} us = {med['trio_floor_seq'] / med['floor_seq']:.2f}x")
     header = ("handler", "seq us", "seq x floor", "calls/s@100", "tput x floor")
     print("{:<8} {:>8} {:>12} {:>12} {:>13}".format(*header))
     for kind, seq_us, seq_ratio, tput, tput_ratio in rows:
@@ -227,6 +250,8 @@ def main() -> None:
     print(f"spawn-to-ready {med['spawn_ready'] * 1e3:.0f} ms vs import {med['import'] * 1e3:.0f} ms"
           f" -> {spawn_ratio:.2f}x")
     print(f"codec: encode+decode of one call message {med['codec_us']:.1f} us")
+    print(f"heartbeats every {args.heartbeat} s: async sequential {med['hb_seq'] * 1e6:.1f} us vs "
+          f"{med['async_seq'] * 1e6:.1f} us off -> {med['hb_seq'] / med['async_seq']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
 import msgpack
-import outcome
 import trio
 import zmq
 
@@ -33,7 +32,7 @@ from . import _messages as m
 from . import _registry
 from ._errors import MultifrostError
 from ._security import CurveServer
-from ._transport import Channel, new_socket
+from ._transport import Channel, TrioWaiter, new_socket
 
 log = logging.getLogger("multifrost_trio.child")
 
@@ -327,7 +326,7 @@ class ChildWorker:
         self._parents: dict[bytes, None] = {}
         self._running: dict[str, trio.CancelScope] = {}
         self._sync_jobs: dict[str, _SyncJob] = {}
-        self._idle_tasks: list[trio.lowlevel.Task] = []
+        self._idle_tasks: list[TrioWaiter] = []
         self._backlog: collections.deque[tuple[bytes, m.CallMessage]] = collections.deque()
         self._active = 0
         self._nursery: trio.Nursery | None = None
@@ -566,8 +565,10 @@ class ChildWorker:
             job = _SyncJob(identity, call, getattr(self, call.function or ""))
             self._sync_jobs[call.id] = job
             self._threads.submit(job)
-        elif self._idle_tasks:
-            trio.lowlevel.reschedule(self._idle_tasks.pop(), outcome.Value((identity, call)))
+        elif self._idle_tasks and self._channel is not None:
+            waiter = self._idle_tasks.pop()
+            waiter.value = (identity, call)
+            self._channel.wake(waiter)
         elif self._nursery is not None:
             self._nursery.start_soon(self._async_loop, identity, call)
 
@@ -602,17 +603,15 @@ class ChildWorker:
         self._release()
 
     async def _async_loop(self, identity: bytes, call: m.CallMessage) -> None:
-        """A pooled handler task: run a call, then park until given the next one.
+        """A pooled handler task: run a call, then wait until given the next one.
 
-        Waking a parked task is far cheaper than starting one per call.
+        Waking a waiting task is far cheaper than starting one per call; and an idle task
+        that reads the socket itself (``Channel.wait_for``) runs the call it reads without
+        any task switch at all.
         """
-        task = trio.lowlevel.current_task()
         idle = self._idle_tasks
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            idle.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
-
+        channel = self._channel
+        assert channel is not None
         while True:
             await self._run_async(identity, call)
             self._active -= 1
@@ -626,8 +625,14 @@ class ChildWorker:
                     break
                 self._dispatch(next_identity, next_call, kind)
             else:
-                idle.append(task)
-                identity, call = await trio.lowlevel.wait_task_rescheduled(abort)
+                waiter = TrioWaiter()
+                idle.append(waiter)
+                try:
+                    await channel.wait_for(waiter)
+                finally:
+                    if not waiter.done:
+                        idle.remove(waiter)
+                identity, call = waiter.value
 
     async def _run_async(self, identity: bytes, call: m.CallMessage) -> None:
         method = getattr(self, call.function or "")

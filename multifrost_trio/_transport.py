@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import trio
@@ -67,13 +67,14 @@ class ChannelClosed(Exception):
 
 
 class Waiter:
-    """A one-shot wake-up for one task (any anyio backend)."""
+    """A one-shot wake-up for one task (any anyio backend), with a value to hand over."""
 
-    __slots__ = ("_event", "done")
+    __slots__ = ("_event", "done", "value")
 
     def __init__(self) -> None:
         self._event = anyio.Event()
         self.done = False
+        self.value: Any = None
 
     def wake(self) -> None:
         self.done = True
@@ -87,11 +88,12 @@ class TrioWaiter:
     """The same on trio, parking the task directly: an ``anyio.Event`` costs several
     times more to create and wait on, and one is needed per call."""
 
-    __slots__ = ("_task", "done")
+    __slots__ = ("_task", "done", "value")
 
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
         self.done = False
+        self.value: Any = None
 
     def wake(self) -> None:
         self.done = True
@@ -185,7 +187,10 @@ class Channel:
         fd = self._reader_fd
         wait_readable = trio.lowlevel.wait_readable if self._on_trio else anyio.wait_readable
         while not self._closed:
-            self.drain()
+            # A caller sleeping on the same socket was woken by the same event and will
+            # drain for itself; draining here too would only pull its reply away from it.
+            if not self._leader_sleeping:
+                self.drain()
             try:
                 await wait_readable(fd)
             except _CLOSED_ERRORS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import inspect
 import io
 import logging
@@ -132,6 +133,7 @@ class _ThreadRunner:
                 self._idle -= 1
             if not job.abandoned:
                 call = job.call
+                _thread_caller.identity = job.identity
                 try:
                     reply = m.make_response(call.id, job.method(*call.args))
                 except Exception as exc:
@@ -139,6 +141,8 @@ class _ThreadRunner:
                     reply = m.make_error(
                         call.id, m.format_exception_text(exc, traceback.format_exc())
                     )
+                finally:
+                    _thread_caller.identity = None
                 job.payload = m.encode_from_thread(reply)
             done.append(job)
             if not self._delivery_scheduled:
@@ -156,44 +160,60 @@ class _ThreadRunner:
             on_done(done.popleft())
 
 
-class _OutputForwarder(io.TextIOBase):
-    """Replaces ``sys.stdout``/``sys.stderr``: text becomes ``stdout``/``stderr`` messages.
+Stream = Literal["stdout", "stderr"]
+_Chunk = tuple[Stream, "bytes | None", str]
+"""Printed text: stream, the caller it belongs to (None: no call), text."""
 
-    Thread-safe; ``write`` never blocks (text is buffered and the loop is nudged).
+_caller: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
+    "multifrost_caller", default=None
+)
+"""The parent whose call is running in this task (async and inline handlers)."""
+_thread_caller = threading.local()
+"""The same for a sync handler's worker thread (``identity`` attribute)."""
+
+
+def _current_caller() -> bytes | None:
+    identity: bytes | None = getattr(_thread_caller, "identity", None)
+    return identity if identity is not None else _caller.get()
+
+
+class _OutputForwarder(io.TextIOBase):
+    """Replaces ``sys.stdout``/``sys.stderr``: printed text goes to the parent whose call
+    printed it, as ``stdout``/``stderr`` messages.
+
+    Thread-safe; ``write`` never blocks (text is buffered and the loop is nudged). Lines are
+    kept whole per caller (print() writes text and newline apart).
     """
 
-    def __init__(
-        self, stream: Literal["stdout", "stderr"], pump: _OutputPump, original: Any
-    ) -> None:
+    def __init__(self, stream: Stream, pump: _OutputPump, original: Any) -> None:
         super().__init__()
-        self.stream: Literal["stdout", "stderr"] = stream
+        self.stream: Stream = stream
         self._pump = pump
         self._original = original
-
-        self._partial = ""
+        self._partial: dict[bytes | None, str] = {}
         self._lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        """Buffer ``text``; complete lines go out (print() writes text and newline apart)."""
         if not text:
             return 0
+        caller = _current_caller()
         with self._lock:
-            self._partial += text
-            cut = self._partial.rfind("\n") + 1
-            if not cut:
-                return len(text)
-            lines, self._partial = self._partial[:cut], self._partial[cut:]
-        self._pump.push(self.stream, lines)
+            buffered = self._partial.pop(caller, "") + text
+            cut = buffered.rfind("\n") + 1
+            if cut < len(buffered):
+                self._partial[caller] = buffered[cut:]
+        if cut:
+            self._pump.push(self.stream, caller, buffered[:cut])
         return len(text)
 
     def flush(self) -> None:
         with self._lock:
-            rest, self._partial = self._partial, ""
-        if rest:
-            self._pump.push(self.stream, rest)
+            rests, self._partial = self._partial, {}
+        for caller, rest in rests.items():
+            self._pump.push(self.stream, caller, rest)
 
     def fileno(self) -> int:
         return int(self._original.fileno())
@@ -204,22 +224,23 @@ class _OutputForwarder(io.TextIOBase):
 
 
 class _OutputPump:
-    """Collects forwarded text from any thread and sends it from one trio task."""
+    """Collects printed text from any thread and sends it from the trio thread."""
 
-    def __init__(self, worker: ChildWorker) -> None:
+    def __init__(self, worker: ChildWorker, originals: dict[Stream, Any]) -> None:
         self._worker = worker
+        self._originals = originals
         self._lock = threading.Lock()
-        self._pending: list[tuple[Literal["stdout", "stderr"], str]] = []
+        self._pending: list[_Chunk] = []
         self._pending_bytes = 0
         self._wakeup = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
 
-    def push(self, stream: Literal["stdout", "stderr"], text: str) -> None:
+    def push(self, stream: Stream, caller: bytes | None, text: str) -> None:
         with self._lock:
-            self._pending.append((stream, text))
+            self._pending.append((stream, caller, text))
             self._pending_bytes += len(text)
             while self._pending_bytes > _OUTPUT_BUFFER_LIMIT and len(self._pending) > 1:
-                _, dropped = self._pending.pop(0)
+                dropped = self._pending.pop(0)[2]
                 self._pending_bytes -= len(dropped)
                 self._worker.counters.output_dropped_bytes += len(dropped)
         with contextlib.suppress(trio.RunFinishedError):
@@ -228,17 +249,28 @@ class _OutputPump:
     def _wake(self) -> None:
         self._wakeup.set()
 
-    def _take(self) -> list[tuple[Literal["stdout", "stderr"], str]]:
+    def _take(self) -> list[_Chunk]:
         with self._lock:
             batch, self._pending = self._pending, []
             self._pending_bytes = 0
-        merged: list[tuple[Literal["stdout", "stderr"], str]] = []
-        for stream, text in batch:
-            if merged and merged[-1][0] == stream and len(merged[-1][1]) < _OUTPUT_CHUNK:
-                merged[-1] = (stream, merged[-1][1] + text)
+        merged: list[_Chunk] = []
+        for stream, caller, text in batch:
+            if merged and merged[-1][:2] == (stream, caller) and len(merged[-1][2]) < _OUTPUT_CHUNK:
+                merged[-1] = (stream, caller, merged[-1][2] + text)
             else:
-                merged.append((stream, text))
+                merged.append((stream, caller, text))
         return merged
+
+    def _targets(self, stream: Stream, caller: bytes | None, text: str) -> list[bytes]:
+        """Who gets this text: its caller; text printed outside any call goes to the parent
+        in spawn mode, and stays local in connect mode (it belongs to no caller there)."""
+        if caller is not None:
+            return [caller]
+        if self._worker.connect_mode:
+            self._originals[stream].write(text)
+            self._originals[stream].flush()
+            return []
+        return list(self._worker._parents)
 
     def flush_now(self) -> None:
         """Send pending output without waiting (before a reply, so a call's printed lines
@@ -246,21 +278,24 @@ class _OutputPump:
         if not self._pending:
             return
         batch = self._take()
-        for index, (stream, text) in enumerate(batch):
-            if not self._worker._try_send_to_parents(m.make_output(stream, text)):
-                with self._lock:
-                    self._pending[:0] = batch[index:]
-                    self._pending_bytes += sum(len(text) for _, text in batch[index:])
-                self._wakeup.set()
-                return
+        for index, (stream, caller, text) in enumerate(batch):
+            payload = m.encode(m.make_output(stream, text))
+            for identity in self._targets(stream, caller, text):
+                if not self._worker._try_send_output(identity, payload):
+                    with self._lock:
+                        self._pending[:0] = batch[index:]
+                        self._pending_bytes += sum(len(chunk[2]) for chunk in batch[index:])
+                    self._wakeup.set()
+                    return
 
     async def run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            for stream, text in self._take():
-                await self._worker._send_to_parents(m.make_output(stream, text))
-
+            for stream, caller, text in self._take():
+                payload = m.encode(m.make_output(stream, text))
+                for identity in self._targets(stream, caller, text):
+                    await self._worker._send_payload(identity, payload)
 
 
 class ChildWorker:
@@ -443,7 +478,9 @@ class ChildWorker:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._exit_scope = nursery.cancel_scope
-                pump = self._output = _OutputPump(self)
+                pump = self._output = _OutputPump(
+                    self, {"stdout": original_streams[0], "stderr": original_streams[1]}
+                )
                 sys.stdout = _OutputForwarder("stdout", pump, original_streams[0])
                 sys.stderr = _OutputForwarder("stderr", pump, original_streams[1])
                 nursery.start_soon(pump.run)
@@ -508,7 +545,7 @@ class ChildWorker:
             self.counters.messages_dropped += 1
             log.debug("dropped a message: %s", exc)
             if exc.call_id is not None and exc.namespace == self.namespace:
-                self._parents[identity] = None
+                self._note_parent(identity)
                 self._reply_now(identity, m.make_error(exc.call_id, f"ValueError: {exc}\n"))
             return
         except Exception:  # a decoder bug must not take the worker down
@@ -517,7 +554,7 @@ class ChildWorker:
             return
         if message is None:
             return
-        self._parents[identity] = None
+        self._note_parent(identity)
         kind = message.type
         if kind == "call":
             self._on_call(identity, message)  # type: ignore[arg-type]
@@ -541,6 +578,11 @@ class ChildWorker:
                 self.counters.messages_dropped += 1
                 log.info("ignored a shutdown request: this worker is shared")
 
+    def _note_parent(self, identity: bytes) -> None:
+        """Spawn mode: remember the parent, so output printed outside any call reaches it."""
+        if not self.connect_mode:
+            self._parents[identity] = None
+
     def _on_call(self, identity: bytes, call: m.CallMessage) -> None:
         if call.namespace != self.namespace:
             self.counters.messages_dropped += 1
@@ -552,7 +594,11 @@ class ChildWorker:
             self.counters.calls_failed += 1
             self._reply_now(identity, m.make_error(call.id, _lookup_error(name)))
         elif kind == "inline":
-            self._reply_now(identity, self._run_inline(call, name))  # type: ignore[arg-type]
+            token = _caller.set(identity)
+            try:
+                self._reply_now(identity, self._run_inline(call, name))  # type: ignore[arg-type]
+            finally:
+                _caller.reset(token)
         elif self._active >= self.max_concurrency:
             self._backlog.append((identity, call))
         else:
@@ -637,6 +683,7 @@ class ChildWorker:
     async def _run_async(self, identity: bytes, call: m.CallMessage) -> None:
         method = getattr(self, call.function or "")
         reply: m.WireMap | None = None
+        _caller.set(identity)  # this pooled task runs one call at a time
         with trio.CancelScope() as scope:
             self._running[call.id] = scope
             try:
@@ -687,30 +734,16 @@ class ChildWorker:
             self.counters.replies_undeliverable += 1
             self._parents.pop(identity, None)
 
-    async def _send_to_parents(self, message: m.WireMap) -> None:
-        payload = m.encode(message)
+    def _try_send_output(self, identity: bytes, payload: bytes) -> bool:
+        """Send printed output without waiting; False if that parent had no room."""
         channel = self._channel
-        for identity in list(self._parents):
-            if channel is None or channel.closed:
-                return
-            try:
-                await channel.send([identity, b"", payload])
-            except zmq.ZMQError:
-                self._parents.pop(identity, None)
-
-    def _try_send_to_parents(self, message: m.WireMap) -> bool:
-        """Send to every known parent without waiting; False if one had no room."""
-        payload = m.encode(message)
-        channel = self._channel
-        for identity in list(self._parents):
-            if channel is None or channel.closed:
-                return True
-            try:
-                if not channel.try_send([identity, b"", payload]):
-                    return False
-            except zmq.ZMQError:
-                self._parents.pop(identity, None)
-        return True
+        if channel is None or channel.closed:
+            return True
+        try:
+            return channel.try_send([identity, b"", payload])
+        except zmq.ZMQError:
+            self._parents.pop(identity, None)
+            return True
 
 
 _RESERVED_NAMES: Final = frozenset({"counters"})

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import anyio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import _registry
 from ._errors import WorkerDied, WorkerStartError, reraise_single
@@ -60,13 +62,19 @@ async def connect_worker(
         raise
     channel = Channel(sock, core.on_frames)
     core.attach(channel)
+    # A service that goes away is noticed when its connection drops, not only after
+    # heartbeat_max_misses heartbeats (18 s with the defaults).
+    monitor = Channel(
+        sock.get_monitor_socket(zmq.EVENT_DISCONNECTED), partial(_on_monitor, core, endpoint)
+    )
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(channel.run)
+            tg.start_soon(monitor.run)
             try:
                 with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                     await core.ping()
-            except TimeoutError:
+            except (TimeoutError, WorkerDied):
                 raise WorkerStartError(
                     f"{name} at {endpoint} did not answer within {timeout} s "
                     "(not running, a stale registry entry, or refused by its security)"
@@ -81,4 +89,22 @@ async def connect_worker(
     except BaseExceptionGroup as group:
         reraise_single(group)
     finally:
+        sock.disable_monitor()
+        monitor.close()
         channel.close()
+
+
+def _on_monitor(core: WorkerCore, endpoint: str, frames: list[bytes]) -> None:
+    """The connection to the service dropped: fail what is pending now (zmq reconnects by
+    itself, and heartbeats tell when the service answers again)."""
+    try:
+        event = parse_monitor_message(frames)["event"]
+    except Exception:
+        return
+    if event == zmq.EVENT_DISCONNECTED and not core.failed:
+        log.warning("lost the connection to %s at %s", core.name, endpoint, extra=core.log_extra())
+        core.set_healthy(False)
+        if core.pending_count:
+            core.breaker.failure()
+        lost = f"the connection to {core.name} at {endpoint} was lost"
+        core.fail_pending(lambda: WorkerDied(lost))

@@ -389,9 +389,7 @@ class ChildWorker:
             print(f"multifrost_trio worker: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
 
-    async def serve(
-        self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve inside the current trio run (see :meth:`run`).
 
         With ``await nursery.start(worker.serve)`` the start returns :attr:`endpoint` once
@@ -747,9 +745,9 @@ class ChildWorker:
 
 
 _RESERVED_NAMES: Final = frozenset({"counters"})
-_BASE_NAMES: Final = frozenset(
-    name for name in vars(ChildWorker) if not name.startswith("_")
-) - {"list_functions"}
+_BASE_NAMES: Final = frozenset(name for name in vars(ChildWorker) if not name.startswith("_")) - {
+    "list_functions"
+}
 
 
 def _within_limit(payload: bytes) -> bytes:

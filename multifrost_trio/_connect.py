@@ -75,8 +75,9 @@ async def connect_worker(
                 with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                     await core.ping()
             except (TimeoutError, WorkerDied):
+                where = endpoint if name == endpoint else f"{name} at {endpoint}"
                 raise WorkerStartError(
-                    f"{name} at {endpoint} did not answer within {timeout} s "
+                    f"{where} did not answer within {timeout} s "
                     "(not running, a stale registry entry, or refused by its security)"
                 ) from None
             log.info("connected to %s at %s", name, endpoint, extra=core.log_extra())
@@ -106,5 +107,6 @@ def _on_monitor(core: WorkerCore, endpoint: str, frames: list[bytes]) -> None:
         core.set_healthy(False)
         if core.pending_count:
             core.breaker.failure()
-        lost = f"the connection to {core.name} at {endpoint} was lost"
+        where = endpoint if core.name == endpoint else f"{core.name} at {endpoint}"
+        lost = f"the connection to {where} was lost"
         core.fail_pending(lambda: WorkerDied(lost))

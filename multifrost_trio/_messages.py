@@ -104,9 +104,7 @@ Message = (
     | ShutdownMessage
     | CancelMessage
 )
-_ADAPTER: Final[TypeAdapter[Message]] = TypeAdapter(
-    Annotated[Message, Field(discriminator="type")]
-)
+_ADAPTER: Final[TypeAdapter[Message]] = TypeAdapter(Annotated[Message, Field(discriminator="type")])
 _KNOWN_TYPES: Final = frozenset(
     {"call", "response", "error", "stdout", "stderr", "heartbeat", "shutdown", "cancel"}
 )

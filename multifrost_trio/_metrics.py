@@ -117,9 +117,7 @@ class Metrics:
         self._latency_min = min(self._latency_min, ms)
         self._latency_max = max(self._latency_max, ms)
 
-    def snapshot(
-        self, *, circuit_state: str = "closed", circuit_trips: int = 0
-    ) -> MetricsSnapshot:
+    def snapshot(self, *, circuit_state: str = "closed", circuit_trips: int = 0) -> MetricsSnapshot:
         """Freeze the current figures."""
         all_ = self._all
         ordered = sorted(all_.latencies)

@@ -36,7 +36,9 @@ OutputSink = Callable[[Stream, str], None]
 class SpawnOptions(BaseModel):
     """How to start, talk to and stop a worker (frozen, validated; connect mode reuses it)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", arbitrary_types_allowed=True, use_attribute_docstrings=True
+    )
 
     timeout: float | None = Field(default=None, gt=0)
     """Default per-call timeout in seconds (None: wait as long as the caller's scope allows)."""
@@ -305,8 +307,12 @@ class WorkerCore:
                         "call %s to %s timed out",
                         function,
                         self.name,
-                        extra={**self.log_extra(), "call_id": call_id, "function": function,
-                               "duration": timeout},
+                        extra={
+                            **self.log_extra(),
+                            "call_id": call_id,
+                            "function": function,
+                            "duration": timeout,
+                        },
                     )
                     raise CallTimeout(
                         f"call {function!r} to {self.name} timed out after {timeout} s"
@@ -427,7 +433,12 @@ class _CallProxy:
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
-    async def __call__(self, function: str, *args: Any) -> Any:
+    async def __call__(self, function: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise TypeError(
+                f"call {function!r}: keyword arguments cannot be sent "
+                f"({', '.join(kwargs)}); the protocol carries positional arguments only"
+            )
         worker = self._worker
         return await worker._core.call(
             function, args, worker._timeout, worker._namespace, worker._client_name

@@ -336,7 +336,6 @@ async def _start_process(
 _death_pipes: dict[int, int] = {}
 
 
-
 def _signal(process: anyio.abc.Process, *, terminate: bool) -> None:
     try:
         if terminate:

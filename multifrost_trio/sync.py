@@ -7,6 +7,7 @@ and waits for the answer. The options, the timeouts and the errors are the async
 (:class:`~multifrost_trio.RemoteCallError`, :class:`~multifrost_trio.CallTimeout`,
 :class:`~multifrost_trio.WorkerDied`, ...), raised as themselves. Any number of threads may
 call one worker at once. Leaving the block stops the worker and joins the loop's thread.
+``connect_worker`` does the same for a running worker (connect mode).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any, Final
 import trio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from . import _spawn
+from . import _connect, _spawn
 from ._errors import WorkerDied
 from ._metrics import MetricsSnapshot
 from ._parent import _UNSET, SpawnOptions, Worker
+from ._security import CurveClient
 
-__all__ = ["BlockingCallProxy", "BlockingWorker", "open_worker"]
+__all__ = ["BlockingCallProxy", "BlockingWorker", "connect_worker", "open_worker"]
 
 _THREAD_NAME_PREFIX: Final = "multifrost-trio-portal"
 """Name prefix of the thread that runs a blocking worker's event loop."""
@@ -254,3 +256,33 @@ def open_worker(
     """
     name = os.path.basename(os.fspath(script))
     return _run_blocking(name, lambda: _spawn.open_worker(script, executable, options=options))
+
+
+def connect_worker(
+    service_id: str | None = None,
+    *,
+    endpoint: str | None = None,
+    timeout: float = 5.0,
+    options: SpawnOptions | None = None,
+    curve: CurveClient | None = None,
+    registry_dir: str | os.PathLike[str] | None = None,
+) -> AbstractContextManager[BlockingWorker]:
+    """Connect to a running worker (by service name or ``endpoint``); a plain context
+    manager yielding a :class:`BlockingWorker` once it answers.
+
+    Arguments, defaults and errors are those of the async
+    :func:`multifrost_trio.connect_worker`. Leaving the block disconnects (the worker keeps
+    running) and joins the loop's thread.
+    """
+    name = service_id or endpoint or "worker"
+    return _run_blocking(
+        name,
+        lambda: _connect.connect_worker(
+            service_id,
+            endpoint=endpoint,
+            timeout=timeout,
+            options=options,
+            curve=curve,
+            registry_dir=registry_dir,
+        ),
+    )

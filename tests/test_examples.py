@@ -179,3 +179,9 @@ def test_connect_mode_service_and_caller(tmp_path: Path) -> None:
         if service.poll() is None:
             service.kill()
         service.wait(timeout=10)
+
+
+def test_secure_service() -> None:
+    out = run_example("secure_service.py")
+    assert "alice (allowed): add(2, 3) -> 5" in out
+    assert "mallory (not on the allow-list): refused" in out

@@ -271,3 +271,33 @@ def test_blocking_example_runs() -> None:
     assert "slow_square timed out" in out
     assert "threads: [0, 1, 4, 9, 16, 25, 36, 49]" in out
     assert "Hello, Ada!" in out
+
+
+@pytest.mark.timeout(60)
+def test_connect_worker_blocking(tmp_path: Path) -> None:
+    """The blocking API in connect mode: by service name, from two threads."""
+    env = {**os.environ, "MULTIFROST_REGISTRY_DIR": str(tmp_path)}
+    service = subprocess.Popen(
+        [sys.executable, worker_path("service_worker.py"), "--service-id", "sync-svc"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        with sync.connect_worker("sync-svc", registry_dir=tmp_path, timeout=20) as worker:
+            assert worker.pid == service.pid
+            results: list[int] = []
+
+            def calls() -> None:
+                results.extend(worker.call.add(i, 1) for i in range(100))
+
+            threads = [threading.Thread(target=calls) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+            assert sorted(results) == sorted(list(range(1, 101)) * 2)
+        assert service.poll() is None  # disconnecting leaves the shared service running
+    finally:
+        service.terminate()
+        service.wait(timeout=10)

@@ -188,8 +188,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3000)
-    parser.add_argument("--heartbeat", type=float, default=0.05,
-                        help="heartbeat interval of the 'heartbeats on' run (default 0.05 s)")
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=0.05,
+        help="heartbeat interval of the 'heartbeats on' run (default 0.05 s)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,19 +243,27 @@ def main() -> None:
         print(json.dumps({"medians": med, "rounds": args.rounds, "calls": args.calls}, indent=2))
         return
     print(f"rounds={args.rounds} calls={args.calls} in_flight={IN_FLIGHT} cpus={os.cpu_count()}")
-    print(f"floor (raw pyzmq): sequential {med['floor_seq'] * 1e6:.1f} us, "
-          f"pipelined {med['floor_tput']:.0f} calls/s")
-    print(f"trio floor (one trio task, raw pyzmq): sequential "
-          f"{med['trio_floor_seq'] * 1e6:.1f} us = {med['trio_floor_seq'] / med['floor_seq']:.2f}x")
+    print(
+        f"floor (raw pyzmq): sequential {med['floor_seq'] * 1e6:.1f} us, "
+        f"pipelined {med['floor_tput']:.0f} calls/s"
+    )
+    print(
+        f"trio floor (one trio task, raw pyzmq): sequential "
+        f"{med['trio_floor_seq'] * 1e6:.1f} us = {med['trio_floor_seq'] / med['floor_seq']:.2f}x"
+    )
     header = ("handler", "seq us", "seq x floor", "calls/s@100", "tput x floor")
     print("{:<8} {:>8} {:>12} {:>12} {:>13}".format(*header))
     for kind, seq_us, seq_ratio, tput, tput_ratio in rows:
         print(f"{kind:<8} {seq_us:8.1f} {seq_ratio:12.2f} {tput:12.0f} {tput_ratio:13.2f}")
-    print(f"spawn-to-ready {med['spawn_ready'] * 1e3:.0f} ms vs import {med['import'] * 1e3:.0f} ms"
-          f" -> {spawn_ratio:.2f}x")
+    print(
+        f"spawn-to-ready {med['spawn_ready'] * 1e3:.0f} ms vs import {med['import'] * 1e3:.0f} ms"
+        f" -> {spawn_ratio:.2f}x"
+    )
     print(f"codec: encode+decode of one call message {med['codec_us']:.1f} us")
-    print(f"heartbeats every {args.heartbeat} s: async sequential {med['hb_seq'] * 1e6:.1f} us vs "
-          f"{med['async_seq'] * 1e6:.1f} us off -> {med['hb_seq'] / med['async_seq']:.3f}x")
+    print(
+        f"heartbeats every {args.heartbeat} s: async sequential {med['hb_seq'] * 1e6:.1f} us vs "
+        f"{med['async_seq'] * 1e6:.1f} us off -> {med['hb_seq'] / med['async_seq']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from multifrost_trio import ChildWorker, inline
 
 
@@ -17,11 +15,6 @@ class BenchWorker(ChildWorker):
 
     def add_sync(self, a: int, b: int) -> int:
         return a + b
-
-    @inline
-    def cpu(self) -> float:
-        """CPU seconds this worker process has used (for per-call cost measurements)."""
-        return time.process_time()
 
 
 if __name__ == "__main__":

@@ -700,7 +700,12 @@ async def test_curve_lets_only_the_allowed_client_in(reg: Path, keys: Keys) -> N
                 ),
             }
             outcome = await anyio.to_thread.run_sync(_attack, endpoint, kinds, 100, 1.5)
-            assert outcome == dict.fromkeys(kinds, (100, 0))
+            # Nothing is delivered. Nearly every attempt must really have sent its call
+            # (on a loaded machine a refused connection can, rarely, not take one in 2 s).
+            assert {kind: received for kind, (_, received) in outcome.items()} == dict.fromkeys(
+                kinds, 0
+            )
+            assert all(sent >= 95 for sent, _ in outcome.values()), outcome
             # control: the same harness with the allowed key does get every call through
             allowed: dict[str, Callable[[zmq.Socket[bytes]], None] | None] = {
                 "allowed": _curve_as(keys.client_public, keys.client_secret, keys.server_public)

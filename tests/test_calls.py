@@ -229,3 +229,44 @@ async def test_namespace_option_reaches_the_child() -> None:
             assert counters["messages_dropped"] >= 1
             assert other.namespace == "elsewhere"
             assert worker.namespace == "default"
+
+
+async def test_a_burst_beyond_the_high_water_marks_loses_no_reply() -> None:
+    """5,000 calls at once: more than zmq queues (1,000 per direction) hold, so senders on
+    both sides must wait for room (ROUTER_MANDATORY on the child) instead of dropping."""
+    results: dict[int, Any] = {}
+
+    async def one(worker: mf.Worker, i: int) -> None:
+        results[i] = await worker.call.add(i, 1)
+
+    options = mf.SpawnOptions(max_in_flight=10_000, output=lambda stream, line: None)
+    with anyio.fail_after(120):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            async with anyio.create_task_group() as tg:
+                for i in range(5_000):
+                    tg.start_soon(one, worker, i)
+            assert worker.pending_calls == 0
+            stats = await worker.call.stats()
+    assert results == {i: i + 1 for i in range(5_000)}
+    assert stats["replies_undeliverable"] == 0
+
+
+async def test_max_in_flight_bounds_calls_sent_and_unanswered() -> None:
+    options = mf.SpawnOptions(max_in_flight=3, output=lambda stream, line: None)
+    peak = 0
+
+    async def one(worker: mf.Worker) -> None:
+        nonlocal peak
+        await worker.call.sleep(0.05)
+        peak = max(peak, worker.pending_calls)
+
+    with anyio.fail_after(60):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            async with anyio.create_task_group() as tg:
+                for _ in range(30):
+                    tg.start_soon(one, worker)
+                while worker.pending_calls < 3:
+                    await anyio.sleep(0.01)
+                assert worker.pending_calls == 3  # the other 27 wait for room
+            assert worker.metrics().requests_success == 30
+    assert peak <= 3

@@ -744,7 +744,19 @@ class ChildWorker:
             return True
 
 
-_RESERVED_NAMES: Final = frozenset({"counters"})
+_RESERVED_NAMES: Final = frozenset(
+    {
+        "counters",
+        "service_id",
+        "bind",
+        "registry_dir",
+        "curve",
+        "connect_mode",
+        "allow_remote_shutdown",
+        "endpoint",
+    }
+)
+"""Instance attributes of every ChildWorker: a method of that name could never be called."""
 _BASE_NAMES: Final = frozenset(name for name in vars(ChildWorker) if not name.startswith("_")) - {
     "list_functions"
 }

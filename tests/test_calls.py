@@ -270,3 +270,11 @@ async def test_max_in_flight_bounds_calls_sent_and_unanswered() -> None:
                 assert worker.pending_calls == 3  # the other 27 wait for room
             assert worker.metrics().requests_success == 30
     assert peak <= 3
+
+
+@pytest.mark.parametrize("name", ["counters", "endpoint", "service_id"])
+def test_a_method_named_like_a_worker_attribute_is_refused(name: str) -> None:
+    """Such a method would be listed but never callable (the attribute hides it)."""
+    worker_class = type("Clashing", (mf.ChildWorker,), {name: lambda self: None})
+    with pytest.raises(TypeError, match=name):
+        worker_class()

@@ -107,8 +107,16 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m multifrost_trio *args`` with a deadline; nothing it started survives it."""
     tag = uuid.uuid4().hex
+    return run_tracked([sys.executable, "-m", "multifrost_trio", *args], tag, timeout, env)
+
+
+def run_tracked(
+    argv: list[str], tag: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion within ``timeout``; fail if it (or any process it
+    started, found by ``tag`` in their environment) is left behind."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "multifrost_trio", *args],
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -120,7 +128,7 @@ def run_cli(
     except subprocess.TimeoutExpired:
         process.kill()
         stdout, stderr = process.communicate()
-        pytest.fail(f"multifrost-trio {' '.join(args)} ran over {timeout} s\n{stdout}\n{stderr}")
+        pytest.fail(f"{' '.join(argv)} ran over {timeout} s\n{stdout}\n{stderr}")
     finally:
         if process.poll() is None:
             process.kill()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import assert_none_left, cli_env
+from tests.test_cli import run_tracked
 from tests.test_node import NODE, NPM, node_modules  # noqa: F401  (the session fixture)
 
 pytestmark = [
@@ -31,28 +31,11 @@ EXAMPLE_TIMEOUT = 40.0
 
 def run_example(name: str, *args: str) -> str:
     """Run ``examples/<name>`` to completion and return its stdout (it must exit 0)."""
-    tag = uuid.uuid4().hex
-    process = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / name), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(tag),
+    done = run_tracked(
+        [sys.executable, str(EXAMPLES / name), *args], uuid.uuid4().hex, EXAMPLE_TIMEOUT
     )
-    try:
-        stdout, stderr = process.communicate(timeout=EXAMPLE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{name} ran over {EXAMPLE_TIMEOUT} s\n{stdout}\n{stderr}")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        assert_none_left(tag)
-    assert process.returncode == 0, f"{name} exited {process.returncode}\n{stdout}\n{stderr}"
-    return stdout
+    assert done.returncode == 0, f"{name} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
 
 
 def test_trio_parent() -> None:

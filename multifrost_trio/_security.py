@@ -12,13 +12,15 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from ._errors import MultifrostError
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 
 class SecurityError(MultifrostError):
@@ -75,6 +77,9 @@ class CurveServer:
         if self.allowed_clients is not None:
             if not Path(self.allowed_clients).is_dir():
                 raise SecurityError(f"allowed-clients directory {self.allowed_clients} is missing")
+            # Imported here: it pulls in asyncio, which no spawn-mode child needs at start-up.
+            from zmq.auth.thread import ThreadAuthenticator
+
             authenticator = ThreadAuthenticator(sock.context)
             authenticator.start()
             authenticator.configure_curve(domain="*", location=str(self.allowed_clients))

@@ -139,8 +139,10 @@ async def open_worker(
 class _Child:
     """One incarnation of the worker process."""
 
-    def __init__(self, process: anyio.abc.Process, core: WorkerCore) -> None:
+    def __init__(self, process: anyio.abc.Process, death_pipe: int, core: WorkerCore) -> None:
         self.process = process
+        self.death_pipe = death_pipe
+        """Write end of the parent-death pipe; closed once the child has exited."""
         self.output = _ChildOutput(core)
         self.exited = anyio.Event()
 
@@ -171,8 +173,9 @@ class _Supervisor:
     async def start(self) -> None:
         """Start a child and wait until it answers; WorkerStartError if it never does."""
         core = self._core
-        process = await _start_process(self._argv, self._port, self._options, core)
-        child = self._child = _Child(process, core)
+        process, death_pipe = await _start_process(self._argv, self._port, self._options)
+        core.pid = process.pid
+        child = self._child = _Child(process, death_pipe, core)
         assert process.stdout is not None
         assert process.stderr is not None
         self._tg.start_soon(child.output.pump, process.stdout, "stdout")
@@ -209,9 +212,7 @@ class _Supervisor:
         try:
             with anyio.CancelScope(shield=True):
                 code = await process.wait()
-            fd = _death_pipes.pop(process.pid, None)
-            if fd is not None:
-                os.close(fd)
+            os.close(child.death_pipe)
             with anyio.move_on_after(_STDERR_SETTLE_SECONDS):
                 await child.output.stderr_closed.wait()
                 await child.output.stdout_closed.wait()
@@ -305,9 +306,11 @@ class _Supervisor:
 
 
 async def _start_process(
-    argv: Sequence[str], port: int, options: SpawnOptions, core: WorkerCore
-) -> anyio.abc.Process:
-    """Start the child with the protocol's environment and a parent-death pipe."""
+    argv: Sequence[str], port: int, options: SpawnOptions
+) -> tuple[anyio.abc.Process, int]:
+    """Start the child with the protocol's environment and a parent-death pipe; returns the
+    process and the pipe's write end, which must stay open for as long as the child runs
+    (when this process dies the OS closes it, and the child reads EOF)."""
     env = {**os.environ, **options.env, PORT_ENV: str(port), WORKER_MODE_ENV: "1"}
     death_read, death_write = os.pipe()
     env[PARENT_FD_ENV] = f"{death_read}:{os.getpid()}"
@@ -327,13 +330,7 @@ async def _start_process(
         raise WorkerStartError(f"cannot start {' '.join(argv)}: {exc}") from exc
     finally:
         os.close(death_read)
-    # The write end lives as long as this process: when it dies, the child reads EOF.
-    _death_pipes[process.pid] = death_write
-    core.pid = process.pid
-    return process
-
-
-_death_pipes: dict[int, int] = {}
+    return process, death_write
 
 
 def _signal(process: anyio.abc.Process, *, terminate: bool) -> None:

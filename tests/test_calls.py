@@ -178,19 +178,27 @@ async def test_cancel_storm_leaves_nothing_pending() -> None:
 
 async def test_sync_handlers_run_off_the_loop() -> None:
     """While a sync handler blocks or computes, other calls and heartbeats are answered."""
+    started: dict[str, anyio.Event] = {"block": anyio.Event(), "spin": anyio.Event()}
+
+    def output(stream: str, line: str) -> None:
+        name = line.removesuffix(" started")
+        if name in started:
+            started[name].set()
+
     with anyio.fail_after(60):
-        async with mf.open_worker(ECHO, options=QUIET) as worker:
+        async with mf.open_worker(ECHO, options=mf.SpawnOptions(output=output)) as worker:
             assert (await worker.call.thread_name()).startswith("multifrost-sync")
             assert await worker.call.inline_thread_name() == "MainThread"
             for busy in ("block", "spin"):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(worker.call, busy, 5)
-                    await anyio.sleep(0.2)  # let the busy handler start
+                    await started[busy].wait()  # the handler is running on its thread
                     with anyio.fail_after(1.0):
                         assert await worker.call.add(1, 2) == 3
                         assert await worker.call.add_sync(1, 2) == 3
-                        rtt = await worker._core.ping()
+                        rtt = await worker.ping()
                     assert rtt < 1000
+                    assert worker.pending_calls == 1  # the busy call is still running
                     tg.cancel_scope.cancel()
 
 

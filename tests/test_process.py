@@ -78,23 +78,23 @@ async def test_missing_script_is_a_start_error() -> None:
     assert "no_such_worker.py" in info.value.stderr_tail
 
 
-async def test_import_failure_is_a_start_error_with_stderr_tail() -> None:
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("import_error_worker.py", "this import always fails"),
+        ("bad_port_worker.py", "COMLINK_ZMQ_PORT=80 is outside 1024..65535"),
+    ],
+)
+async def test_a_child_exiting_at_start_is_a_start_error_with_stderr_tail(
+    script: str, expected: str
+) -> None:
     with anyio.fail_after(2):
         with pytest.raises(mf.WorkerStartError) as info:
-            async with mf.open_worker(worker_path("import_error_worker.py"), options=QUIET):
+            async with mf.open_worker(worker_path(script), options=QUIET):
                 pytest.fail("should not start")
     assert info.value.exit_code == 1
-    assert "this import always fails" in info.value.stderr_tail
-    assert "this import always fails" in str(info.value)
-
-
-async def test_bad_port_is_a_start_error() -> None:
-    with anyio.fail_after(2):
-        with pytest.raises(mf.WorkerStartError) as info:
-            async with mf.open_worker(worker_path("bad_port_worker.py"), options=QUIET):
-                pytest.fail("should not start")
-    assert info.value.exit_code == 1
-    assert "COMLINK_ZMQ_PORT=80 is outside 1024..65535" in info.value.stderr_tail
+    assert expected in info.value.stderr_tail
+    assert expected in str(info.value)
 
 
 @pytest.mark.parametrize("port", ["80", "70000", "abc", ""])

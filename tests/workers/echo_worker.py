@@ -56,11 +56,13 @@ class EchoWorker(ChildWorker):
 
     def block(self, seconds: float) -> str:
         """A sync handler that holds its thread (sleep releases the GIL)."""
+        print("block started", flush=True)
         time.sleep(seconds)
         return "blocked"
 
     def spin(self, seconds: float) -> int:
         """A sync handler that keeps the CPU busy (GIL held in bursts)."""
+        print("spin started", flush=True)
         end = time.monotonic() + seconds
         count = 0
         while time.monotonic() < end:

@@ -81,7 +81,7 @@ class ChildCounters:
 
 
 class _SyncJob:
-    __slots__ = ("abandoned", "call", "failed", "identity", "method", "payload")
+    __slots__ = ("abandoned", "call", "failed", "identity", "method", "payload", "sent")
 
     def __init__(self, identity: bytes, call: m.CallMessage, method: Callable[..., Any]) -> None:
         self.identity = identity
@@ -90,19 +90,28 @@ class _SyncJob:
         self.abandoned = False
         self.failed = False
         self.payload = b""
+        self.sent = False
+        """The worker thread sent the reply itself (see ``_ThreadRunner``)."""
 
 
 class _ThreadRunner:
     """Persistent worker threads for sync handlers.
 
-    A job goes through one queue; the thread runs the handler and also encodes the reply,
-    then hands finished jobs back in batches through a single ``run_sync_soon`` per batch.
-    No task and no thread is created per call; a thread is added only when a job arrives
-    and none is idle (up to ``max_threads``).
+    A job goes through one queue; the thread runs the handler, encodes the reply and sends
+    it itself when it can (``send``: no trip through the event loop before the reply
+    leaves), then hands finished jobs back for bookkeeping in batches, through a single
+    ``run_sync_soon`` per batch. No task and no thread is created per call; a thread is
+    added only when a job arrives and none is idle (up to ``max_threads``).
     """
 
-    def __init__(self, max_threads: int, on_done: Callable[[_SyncJob], None]) -> None:
+    def __init__(
+        self,
+        max_threads: int,
+        send: Callable[[_SyncJob], bool],
+        on_done: Callable[[_SyncJob], None],
+    ) -> None:
         self._max_threads = max_threads
+        self._send = send
         self._on_done = on_done
         self._jobs: queue.SimpleQueue[_SyncJob] = queue.SimpleQueue()
         self._done: collections.deque[_SyncJob] = collections.deque()
@@ -144,6 +153,7 @@ class _ThreadRunner:
                 finally:
                     _thread_caller.identity = None
                 job.payload = m.encode_from_thread(reply)
+                job.sent = self._send(job)
             done.append(job)
             if not self._delivery_scheduled:
                 self._delivery_scheduled = True
@@ -232,6 +242,7 @@ class _OutputPump:
         self._lock = threading.Lock()
         self._pending: list[_Chunk] = []
         self._pending_bytes = 0
+        self._sending = 0
         self._wakeup = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
 
@@ -248,6 +259,11 @@ class _OutputPump:
 
     def _wake(self) -> None:
         self._wakeup.set()
+
+    @property
+    def idle(self) -> bool:
+        """No printed text is waiting or being sent (read from any thread)."""
+        return not self._pending and not self._sending
 
     def _take(self) -> list[_Chunk]:
         with self._lock:
@@ -277,6 +293,13 @@ class _OutputPump:
         reach the parent before its result); what does not fit waits for ``run``."""
         if not self._pending:
             return
+        self._sending += 1
+        try:
+            self._send_batch_now()
+        finally:
+            self._sending -= 1
+
+    def _send_batch_now(self) -> None:
         batch = self._take()
         for index, (stream, caller, text) in enumerate(batch):
             payload = m.encode(m.make_output(stream, text))
@@ -292,10 +315,14 @@ class _OutputPump:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            for stream, caller, text in self._take():
-                payload = m.encode(m.make_output(stream, text))
-                for identity in self._targets(stream, caller, text):
-                    await self._worker._send_payload(identity, payload)
+            self._sending += 1
+            try:
+                for stream, caller, text in self._take():
+                    payload = m.encode(m.make_output(stream, text))
+                    for identity in self._targets(stream, caller, text):
+                        await self._worker._send_payload(identity, payload)
+            finally:
+                self._sending -= 1
 
 
 class ChildWorker:
@@ -361,11 +388,11 @@ class ChildWorker:
         self._parents: dict[bytes, None] = {}
         self._running: dict[str, trio.CancelScope] = {}
         self._sync_jobs: dict[str, _SyncJob] = {}
-        self._idle_tasks: list[TrioWaiter] = []
+        self._idle_tasks: dict[TrioWaiter, None] = {}
         self._backlog: collections.deque[tuple[bytes, m.CallMessage]] = collections.deque()
         self._active = 0
         self._nursery: trio.Nursery | None = None
-        self._threads = _ThreadRunner(self.sync_threads, self._sync_done)
+        self._threads = _ThreadRunner(self.sync_threads, self._send_from_thread, self._sync_done)
         self._exit_scope: trio.CancelScope | None = None
         self._output: _OutputPump | None = None
 
@@ -565,7 +592,7 @@ class ChildWorker:
             if scope is not None:
                 scope.cancel()
             job = self._sync_jobs.get(message.id)
-            if job is not None and not job.abandoned:
+            if job is not None and not job.abandoned and not job.sent:
                 job.abandoned = True
                 self.counters.calls_cancelled += 1
         elif kind == "shutdown":
@@ -610,7 +637,14 @@ class ChildWorker:
             self._sync_jobs[call.id] = job
             self._threads.submit(job)
         elif self._idle_tasks and self._channel is not None:
-            waiter = self._idle_tasks.pop()
+            # The idle task reading the socket runs the call without a task switch.
+            idle, leader = self._idle_tasks, self._channel.leader
+            waiter = (
+                leader
+                if isinstance(leader, TrioWaiter) and leader in idle
+                else next(reversed(idle))
+            )
+            del idle[waiter]
             waiter.value = (identity, call)
             self._channel.wake(waiter)
         elif self._nursery is not None:
@@ -633,17 +667,28 @@ class ChildWorker:
         self.counters.calls_succeeded += 1
         return reply
 
+    def _send_from_thread(self, job: _SyncJob) -> bool:
+        """A worker thread's reply goes out directly unless the loop must send it: the call
+        was cancelled, the reply is oversized, or printed output waits to go before it."""
+        channel, output = self._channel, self._output
+        if job.abandoned or channel is None or len(job.payload) > m.MAX_MESSAGE_BYTES:
+            return False
+        if output is not None and not output.idle:
+            return False
+        return channel.send_from_thread([job.identity, b"", job.payload])
+
     def _sync_done(self, job: _SyncJob) -> None:
         """A thread finished ``job`` (called on the trio thread, in batches)."""
         self._sync_jobs.pop(job.call.id, None)
-        if job.abandoned:
+        if job.abandoned and not job.sent:
             self.counters.abandoned_results += 1
         else:
             if job.failed:
                 self.counters.calls_failed += 1
             else:
                 self.counters.calls_succeeded += 1
-            self._send_now(job.identity, job.payload)
+            if not job.sent:
+                self._send_now(job.identity, job.payload)
         self._release()
 
     async def _async_loop(self, identity: bytes, call: m.CallMessage) -> None:
@@ -670,12 +715,12 @@ class ChildWorker:
                 self._dispatch(next_identity, next_call, kind)
             else:
                 waiter = TrioWaiter()
-                idle.append(waiter)
+                idle[waiter] = None
                 try:
-                    await channel.wait_for(waiter)
+                    await channel.wait_for(waiter, urgent=False)
                 finally:
                     if not waiter.done:
-                        idle.remove(waiter)
+                        del idle[waiter]
                 identity, call = waiter.value
 
     async def _run_async(self, identity: bytes, call: m.CallMessage) -> None:

@@ -2,16 +2,18 @@
 
 libzmq's ``ZMQ_FD`` only signals when the socket's command mailbox changes, and any zmq call
 (send, recv, reading ``EVENTS``) may consume that signal while messages stay queued. So:
-exactly one task (``run``) sleeps on the fd; every zmq call made here is followed by a drain
-(``recv`` until ``Again``) before anyone may sleep again; a sender that meets ``Again`` waits
-for the reader to see ``POLLOUT``. Flags are plain ints: pyzmq's enum arithmetic is
-measurable on this path.
+every zmq call made here is followed by a drain (receive until nothing is queued) before
+anyone may sleep on the fd again; a sender that meets a full queue waits for a reader to see
+``POLLOUT``. Flags are plain ints and frames go through the socket's base ``send``/``recv``:
+pyzmq's enum arithmetic and keyword handling are measurable on this path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -30,10 +32,15 @@ _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 _POLLOUT: Final = int(zmq.POLLOUT)
 _AGAIN: Final = zmq.Again
+_BaseSocket: Final = zmq.backend.Socket
 
 CLOSE_LINGER_MS: Final = 200
 """How long libzmq keeps trying to deliver queued frames (e.g. a final ``shutdown``) after
 close; it never blocks the caller, the io thread does it."""
+
+READER_RECHECK: Final = 0.002
+"""Seconds a parked background reader waits before looking whether anyone reads the
+socket: the longest a message can wait for a reader right after a reading caller left."""
 
 FrameHandler = Callable[[list[bytes]], None]
 
@@ -136,11 +143,12 @@ class Channel:
     ``on_frames`` is called synchronously for every received multipart message, from
     whichever task drained the socket; it must not block or raise.
 
-    Two tasks at most sleep on the socket, each on its own fd number: the background
-    reader (``run``, on a duplicate of the zmq fd) and, on trio, one caller waiting for its
-    own reply (``wait_for``, on the original). A caller that reads for itself is woken by
-    its reply directly instead of by the reader: a sequential round trip then costs one
-    scheduler pass instead of two, measured as about a quarter of the library's latency.
+    On trio a task waiting for its own message (``wait_for``) reads the socket itself and is
+    woken by the fd directly: a sequential round trip then costs one task switch instead of
+    two (reader, then caller), measured as about a quarter of the library's latency. Only
+    when no such task is reading does the background reader (``run``) sleep on the fd; while
+    one is, the reader parks off the fd, so a message wakes one task, not two. The reader
+    sleeps on a duplicate of the fd number, because trio allows one sleeper per number.
     """
 
     def __init__(self, sock: zmq.Socket[bytes], on_frames: FrameHandler) -> None:
@@ -150,68 +158,146 @@ class Channel:
         self._reader_fd = os.dup(self._fd)
         # The socket's own getsockopt, typed for the int options read on the hot path.
         self._int_option: Callable[[int], int] = sock.getsockopt  # type: ignore[assignment]
+        # The base class's send/recv skip the sugar layer's per-call keyword handling.
+        self._send_frame: Callable[[bytes, int], Any] = _BaseSocket.send.__get__(sock)
+        self._recv_frame: Callable[[int, bool], zmq.Frame] = _BaseSocket.recv.__get__(sock)
         self._draining = False
+        self._drain_owed = False
         self._closed = False
         self._send_waiters: list[_SendWaiter] = []
         self._on_trio = trio.lowlevel.in_trio_run()
         self._leader: Waiter | TrioWaiter | None = None
         self._leader_sleeping = False
+        self._parked_reader: trio.lowlevel.Task | None = None
+        self._followers = 0
+        self._lock = threading.Lock()
+        """Held around every use of the socket: threads may send on it (``send_from_thread``)."""
+        self._token = trio.lowlevel.current_trio_token() if self._on_trio else None
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def drain(self) -> None:
-        """Receive and hand over every message already queued; never sleeps."""
+    @property
+    def leader(self) -> Waiter | TrioWaiter | None:
+        """The waiter whose task is reading the socket for itself, if any."""
+        return self._leader
+
+    def drain(
+        self, *, expect_message: bool = False, until: Waiter | TrioWaiter | None = None
+    ) -> None:
+        """Receive and hand over every message already queued; never sleeps.
+
+        ``expect_message``: the fd just fired, so try to receive before asking ``EVENTS``
+        (a failed receive costs more than the question, a successful one less). ``until``:
+        stop as soon as this waiter is woken; the drain is then owed, and paid before anyone
+        sleeps on the fd (the next send pays it anyway, and a reply is not kept waiting
+        behind the question whether more is queued).
+        """
         if self._draining or self._closed:
             return
         self._draining = True
-        sock = self.sock
-        recv = sock.recv
+        lock = self._lock
         getsockopt = self._int_option
         on_frames = self._on_frames
         try:
-            # Reading EVENTS is cheaper than provoking zmq.Again, whose construction is slow.
-            while (events := getsockopt(_EVENTS)) & _POLLIN:
-                frames = [recv(_NOBLOCK)]
-                while getsockopt(_RCVMORE):
-                    frames.append(recv(_NOBLOCK))
+            if expect_message:
+                with lock:
+                    try:
+                        frames = self._receive_one()
+                    except _AGAIN:
+                        frames = None
+                if frames is not None:
+                    on_frames(frames)
+                    if until is not None and until.done and not self._send_waiters:
+                        self._drain_owed = True
+                        return
+            while True:
+                with lock:
+                    events = getsockopt(_EVENTS)
+                    if not events & _POLLIN:
+                        break
+                    frames = self._receive_one()
                 on_frames(frames)
+            self._drain_owed = False
         finally:
             self._draining = False
         if self._send_waiters and events & _POLLOUT:
             self._wake_senders(None)
 
+    def _receive_one(self) -> list[bytes]:
+        recv = self._recv_frame
+        frame = recv(_NOBLOCK, False)
+        frames = [frame.bytes]
+        while frame.more:
+            frame = recv(_NOBLOCK, False)
+            frames.append(frame.bytes)
+        return frames
+
     async def run(self) -> None:
         """The background reader. Returns once the channel is closed."""
         fd = self._reader_fd
         wait_readable = trio.lowlevel.wait_readable if self._on_trio else anyio.wait_readable
+        woken = False
         while not self._closed:
-            # A caller sleeping on the same socket was woken by the same event and will
-            # drain for itself; draining here too would only pull its reply away from it.
-            if not self._leader_sleeping:
-                self.drain()
+            if self._leader is not None:
+                await self._park_reader()
+                woken = False
+                continue
+            self.drain(expect_message=woken)
             try:
                 await wait_readable(fd)
             except _CLOSED_ERRORS:
                 if self._closed:
                     return
                 raise
+            woken = True
 
-    async def wait_for(self, waiter: Waiter | TrioWaiter) -> None:
+    async def _park_reader(self) -> None:
+        """Sleep off the fd while a caller reads (see the class docstring).
+
+        The reading caller wakes the reader when it leaves only if other callers wait
+        behind it; otherwise the reader looks again after :data:`READER_RECHECK`. A caller
+        that calls again at once (the usual loop) is then reading again by that time, and
+        its round trip costs no task switch beside its own.
+        """
+        self._parked_reader = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked_reader = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_after(READER_RECHECK):
+            await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _unpark_reader(self) -> None:
+        task, self._parked_reader = self._parked_reader, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def wait_for(self, waiter: Waiter | TrioWaiter, *, urgent: bool = True) -> None:
         """Wait until ``waiter`` is woken (by ``on_frames`` or anyone else).
 
         On trio, if no other caller is reading, read the socket meanwhile (see the class
-        docstring). Whoever wakes the waiter must do so through :meth:`wake`.
+        docstring). Whoever wakes the waiter must do so through :meth:`wake`. ``urgent``
+        (a caller waiting for its reply): if it waits behind another reading caller, the
+        background reader takes over the moment that one leaves. Not urgent (an idle
+        handler task): the reader may take up to :data:`READER_RECHECK` to take over.
         """
         if self._leader is not None or not self._on_trio or self._closed or waiter.done:
-            await waiter.wait()
+            self._followers += urgent
+            try:
+                await waiter.wait()
+            finally:
+                self._followers -= urgent
             return
         self._leader = waiter
         fd = self._fd
         slept = False
         try:
-            # No drain before sleeping: every zmq call here is already followed by one.
+            # Every zmq call here is followed by a drain, or leaves one owed.
+            if self._drain_owed:
+                self.drain()
             while not waiter.done and not self._closed:
                 slept = True
                 self._leader_sleeping = True
@@ -220,11 +306,14 @@ class Channel:
                 except _CLOSED_ERRORS:
                     if not waiter.done and not self._closed:
                         raise
+                    continue
                 finally:
                     self._leader_sleeping = False
-                self.drain()
+                self.drain(expect_message=True, until=waiter)
         finally:
             self._leader = None
+            if self._followers:
+                self._unpark_reader()
         if not slept:
             await trio.lowlevel.checkpoint()
         if not waiter.done:
@@ -250,17 +339,44 @@ class Channel:
         """
         if self._closed:
             raise ChannelClosed("channel is closed")
-        send = self.sock.send
+        with self._lock:
+            sent = self._send_all(frames)
+        self.drain()
+        return sent
+
+    def _send_all(self, frames: Sequence[bytes]) -> bool:
+        send = self._send_frame
         last = len(frames) - 1
         try:
             send(frames[0], _NOBLOCK | _SNDMORE if last else _NOBLOCK)
         except _AGAIN:
-            self.drain()
             return False
         for index in range(1, last + 1):
             send(frames[index], _NOBLOCK | _SNDMORE if index < last else _NOBLOCK)
-        self.drain()
         return True
+
+    def send_from_thread(self, frames: Sequence[bytes]) -> bool:
+        """Send from a thread other than the event loop's, without waiting.
+
+        False when the frames could not go now (channel closed, queue full, unknown peer):
+        the caller then hands the send to the loop. The socket lock makes the socket's use
+        from two threads safe; the loop is asked to drain when this send may have consumed
+        the fd's signal for messages that are now queued.
+        """
+        if self._token is None:
+            return False
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                sent = self._send_all(frames)
+            except zmq.ZMQError:
+                return False
+            events = self._int_option(_EVENTS)
+        if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self.drain)
+        return sent
 
     async def send(self, frames: Sequence[bytes]) -> None:
         """Send, waiting (cancellably) while the peer's queue is full."""
@@ -271,7 +387,9 @@ class Channel:
         waiter = _SendWaiter()
         self._send_waiters.append(waiter)
         try:
-            if self._int_option(_EVENTS) & _POLLOUT:
+            with self._lock:
+                writable = self._int_option(_EVENTS) & _POLLOUT
+            if writable:
                 return
             self.drain()
             await waiter.event.wait()
@@ -297,7 +415,9 @@ class Channel:
             return
         self._closed = True
         self._wake_senders(ChannelClosed("channel is closed"))
+        self._unpark_reader()
         anyio.notify_closing(self._fd)
         anyio.notify_closing(self._reader_fd)
-        self.sock.close(linger=CLOSE_LINGER_MS)
+        with self._lock:
+            self.sock.close(linger=CLOSE_LINGER_MS)
         os.close(self._reader_fd)

@@ -74,14 +74,16 @@ class ChannelClosed(Exception):
 
 
 class Waiter:
-    """A one-shot wake-up for one task (any anyio backend), with a value to hand over."""
+    """A one-shot wake-up for one task (any anyio backend), with a value or an error to
+    hand over."""
 
-    __slots__ = ("_event", "done", "value")
+    __slots__ = ("_event", "done", "error", "value")
 
     def __init__(self) -> None:
         self._event = anyio.Event()
         self.done = False
         self.value: Any = None
+        self.error: BaseException | None = None
 
     def wake(self) -> None:
         self.done = True
@@ -95,12 +97,13 @@ class TrioWaiter:
     """The same on trio, parking the task directly: an ``anyio.Event`` costs several
     times more to create and wait on, and one is needed per call."""
 
-    __slots__ = ("_task", "done", "value")
+    __slots__ = ("_task", "done", "error", "value")
 
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
         self.done = False
         self.value: Any = None
+        self.error: BaseException | None = None
 
     def wake(self) -> None:
         self.done = True
@@ -375,7 +378,7 @@ class Channel:
             events = self._int_option(_EVENTS)
         if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
             with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self.drain)
+                self._token.run_sync_soon(self.drain, idempotent=True)
         return sent
 
     async def send(self, frames: Sequence[bytes]) -> None:

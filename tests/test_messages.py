@@ -697,3 +697,63 @@ def test_response_round_trip(value: Any) -> None:
     response = m.decode(m.encode(m.make_response("rid", value)))
     assert isinstance(response, m.ResponseMessage)
     assert response.result == _normalized(value)
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+@settings(max_examples=1500, deadline=None)  # about 1 in 20 maps takes the fast path
+@given(_maps)
+def test_call_fast_path_takes_only_what_the_model_takes_unchanged(raw: dict[Any, Any]) -> None:
+    """The worker reads plain call maps without the model: it must never accept a map the
+    model refuses, nor read different values from one."""
+    raw = {**raw, "app": m.APP_ID, "type": "call"}
+    fast = m.CallRequest.from_raw(raw)
+    event("fast" if fast is not None else "model")
+    if fast is None:
+        return
+    message = m.validate(raw)
+    assert isinstance(message, m.CallMessage)
+    assert (fast.id, fast.function, fast.args, fast.namespace) == (
+        message.id,
+        message.function,
+        message.args,
+        message.namespace,
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(_maps)
+def test_response_fast_path_takes_only_what_the_model_takes_unchanged(raw: dict[Any, Any]) -> None:
+    """The parent reads plain responses without the model (``plain_core`` and a str id)."""
+    raw = {**raw, "app": m.APP_ID, "type": "response"}
+    if not (type(raw.get("id")) is str and m.plain_core(raw)):
+        event("model")
+        return
+    event("fast")
+    message = m.validate(raw)
+    assert isinstance(message, m.ResponseMessage)
+    assert message.result == raw.get("result")
+
+
+def test_call_fast_path_reads_the_usual_call() -> None:
+    raw = m.unpack(m.encode(m.make_call("add", (1, 2), "ns", "me")))
+    fast = m.CallRequest.from_raw(raw)
+    assert fast is not None
+    assert (fast.function, fast.args, fast.namespace) == ("add", [1, 2], "ns")
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        {"timestamp": "now"},
+        {"metadata": [1]},
+        {"metadata": {1: 2}},
+        {"clientName": 5},
+        {"args": (1,)},
+    ],
+    ids=repr,
+)
+def test_call_fast_path_leaves_odd_maps_to_the_model(tamper: dict[str, Any]) -> None:
+    raw = {**m.unpack(m.encode(m.make_call("add", (1, 2)))), **tamper}
+    assert m.CallRequest.from_raw(raw) is None

@@ -739,7 +739,7 @@ class ChildWorker:
         idle = self._idle_tasks
         idle[waiter] = None
         try:
-            await channel.wait_for(waiter, urgent=False)
+            await channel.wait_for(waiter)
         finally:
             if not waiter.done:
                 del idle[waiter]

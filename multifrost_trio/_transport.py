@@ -38,10 +38,6 @@ CLOSE_LINGER_MS: Final = 200
 """How long libzmq keeps trying to deliver queued frames (e.g. a final ``shutdown``) after
 close; it never blocks the caller, the io thread does it."""
 
-READER_RECHECK: Final = 0.002
-"""Seconds a parked background reader waits before looking whether anyone reads the
-socket: the longest a message can wait for a reader right after a reading caller left."""
-
 FrameHandler = Callable[[list[bytes]], None]
 
 
@@ -140,6 +136,23 @@ class _SendWaiter:
 _CLOSED_ERRORS: Final = (anyio.ClosedResourceError, trio.ClosedResourceError, OSError)
 
 
+class _ReaderWatch(trio.abc.Instrument):
+    """Before each wait of the trio scheduler for I/O, makes sure someone reads the socket.
+
+    Rescheduling a task there would not end a sleep that follows, so the parked reader is
+    woken through ``run_sync_soon`` (which does), and only when no task reads.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._token = trio.lowlevel.current_trio_token()
+
+    def before_io_wait(self, timeout: float) -> None:
+        channel = self._channel
+        if channel._parked_reader is not None and channel._leader is None:
+            self._token.run_sync_soon(channel.unpark_reader_if_needed, idempotent=True)
+
+
 class Channel:
     """One zmq socket, its readers and its senders.
 
@@ -148,10 +161,12 @@ class Channel:
 
     On trio a task waiting for its own message (``wait_for``) reads the socket itself and is
     woken by the fd directly: a sequential round trip then costs one task switch instead of
-    two (reader, then caller), measured as about a quarter of the library's latency. Only
-    when no such task is reading does the background reader (``run``) sleep on the fd; while
-    one is, the reader parks off the fd, so a message wakes one task, not two. The reader
-    sleeps on a duplicate of the fd number, because trio allows one sleeper per number.
+    two (reader, then caller), measured as about a quarter of the library's latency. The
+    background reader (``run``) parks off the fd while such a task reads, so a message wakes
+    one task, not two; and it stays parked after that task leaves, until the scheduler is
+    about to sleep with nobody reading (a trio instrument watches for that). A caller that
+    calls again at once, the usual loop, is reading again long before. The reader sleeps
+    on a duplicate of the fd number, because trio allows one sleeper per number.
     """
 
     def __init__(self, sock: zmq.Socket[bytes], on_frames: FrameHandler) -> None:
@@ -172,7 +187,6 @@ class Channel:
         self._leader: Waiter | TrioWaiter | None = None
         self._leader_sleeping = False
         self._parked_reader: trio.lowlevel.Task | None = None
-        self._followers = 0
         self._lock = threading.Lock()
         """Held around every use of the socket: threads may send on it (``send_from_thread``)."""
         self._token = trio.lowlevel.current_trio_token() if self._on_trio else None
@@ -241,58 +255,57 @@ class Channel:
         """The background reader. Returns once the channel is closed."""
         fd = self._reader_fd
         wait_readable = trio.lowlevel.wait_readable if self._on_trio else anyio.wait_readable
-        woken = False
-        while not self._closed:
-            if self._leader is not None:
-                await self._park_reader()
-                woken = False
-                continue
-            self.drain(expect_message=woken)
-            try:
-                await wait_readable(fd)
-            except _CLOSED_ERRORS:
-                if self._closed:
-                    return
-                raise
-            woken = True
+        watch = _ReaderWatch(self) if self._on_trio else None
+        if watch is not None:
+            trio.lowlevel.add_instrument(watch)
+        try:
+            woken = False
+            while not self._closed:
+                if self._leader is not None:
+                    await self._park_reader()
+                    woken = False
+                    continue
+                self.drain(expect_message=woken)
+                try:
+                    await wait_readable(fd)
+                except _CLOSED_ERRORS:
+                    if self._closed:
+                        return
+                    raise
+                woken = True
+        finally:
+            if watch is not None:
+                trio.lowlevel.remove_instrument(watch)
 
     async def _park_reader(self) -> None:
-        """Sleep off the fd while a caller reads (see the class docstring).
-
-        The reading caller wakes the reader when it leaves only if other callers wait
-        behind it; otherwise the reader looks again after :data:`READER_RECHECK`. A caller
-        that calls again at once (the usual loop) is then reading again by that time, and
-        its round trip costs no task switch beside its own.
-        """
+        """Sleep off the fd while a caller reads, and after (see the class docstring)."""
         self._parked_reader = trio.lowlevel.current_task()
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self._parked_reader = None
             return trio.lowlevel.Abort.SUCCEEDED
 
-        with trio.move_on_after(READER_RECHECK):
-            await trio.lowlevel.wait_task_rescheduled(abort)
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def unpark_reader_if_needed(self) -> None:
+        """Wake the parked reader if nobody reads the socket (called before the scheduler
+        sleeps, and from ``run_sync_soon``)."""
+        if self._leader is None:
+            self._unpark_reader()
 
     def _unpark_reader(self) -> None:
         task, self._parked_reader = self._parked_reader, None
         if task is not None:
             trio.lowlevel.reschedule(task)
 
-    async def wait_for(self, waiter: Waiter | TrioWaiter, *, urgent: bool = True) -> None:
+    async def wait_for(self, waiter: Waiter | TrioWaiter) -> None:
         """Wait until ``waiter`` is woken (by ``on_frames`` or anyone else).
 
         On trio, if no other caller is reading, read the socket meanwhile (see the class
-        docstring). Whoever wakes the waiter must do so through :meth:`wake`. ``urgent``
-        (a caller waiting for its reply): if it waits behind another reading caller, the
-        background reader takes over the moment that one leaves. Not urgent (an idle
-        handler task): the reader may take up to :data:`READER_RECHECK` to take over.
+        docstring). Whoever wakes the waiter must do so through :meth:`wake`.
         """
         if self._leader is not None or not self._on_trio or self._closed or waiter.done:
-            self._followers += urgent
-            try:
-                await waiter.wait()
-            finally:
-                self._followers -= urgent
+            await waiter.wait()
             return
         self._leader = waiter
         fd = self._fd
@@ -315,8 +328,6 @@ class Channel:
                 self.drain(expect_message=True, until=waiter)
         finally:
             self._leader = None
-            if self._followers:
-                self._unpark_reader()
         if not slept:
             await trio.lowlevel.checkpoint()
         if not waiter.done:

@@ -227,6 +227,22 @@ async def test_output_callback_and_raw_fd_writes_never_block() -> None:
     assert ("stderr", "e" * 256 * 1024) in lines
 
 
+async def test_output_arriving_while_no_call_is_in_flight_is_read_at_once() -> None:
+    """Between calls nobody waits for a reply, yet the parent must keep reading: printed
+    lines that arrive then are handed to the sink without waiting for another call."""
+    send, receive = anyio.create_memory_object_stream[tuple[str, str]](10)
+    options = mf.SpawnOptions(output=lambda stream, line: send.send_nowait((stream, line)))
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            for round_ in range(3):
+                assert await worker.call.add(1, 2) == 3  # a caller read the socket last
+                await worker.call.print_later(0.05, f"later {round_}")
+                with anyio.fail_after(5):
+                    assert await receive.receive() == ("stdout", f"later {round_}")
+    send.close()
+    receive.close()
+
+
 async def test_namespace_option_reaches_the_child() -> None:
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:

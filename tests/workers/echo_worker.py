@@ -76,6 +76,10 @@ class EchoWorker(ChildWorker):
     def inline_thread_name(self) -> str:
         return threading.current_thread().name
 
+    def print_later(self, delay: float, text: str) -> None:
+        """Print from another thread after the reply has gone (output outside any call)."""
+        threading.Timer(delay, print, args=(text,)).start()
+
     def fail(self, message: str) -> None:
         raise ValueError(message)
 

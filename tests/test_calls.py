@@ -227,6 +227,19 @@ async def test_output_callback_and_raw_fd_writes_never_block() -> None:
     assert ("stderr", "e" * 256 * 1024) in lines
 
 
+@pytest.mark.parametrize("function", ["shout", "shout_async", "shout_inline"])
+async def test_a_calls_printed_lines_arrive_before_its_result(function: str) -> None:
+    """Whichever way the handler runs (and a thread may send its reply itself), the lines
+    it printed reach the sink before the call returns."""
+    lines: list[tuple[str, str]] = []
+    options = mf.SpawnOptions(output=lambda stream, line: lines.append((stream, line)))
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=options) as worker:
+            for index in range(100):
+                assert await worker.call(function, f"n{index}") == f"N{index}"
+                assert lines[-2:] == [("stdout", f"n{index}"), ("stderr", f"err:n{index}")]
+
+
 async def test_output_arriving_while_no_call_is_in_flight_is_read_at_once() -> None:
     """Between calls nobody waits for a reply, yet the parent must keep reading: printed
     lines that arrive then are handed to the sink without waiting for another call."""

@@ -88,6 +88,13 @@ class EchoWorker(ChildWorker):
         print(f"err:{text}", file=sys.stderr)
         return text.upper()
 
+    async def shout_async(self, text: str) -> str:
+        return self.shout(text)
+
+    @inline
+    def shout_inline(self, text: str) -> str:
+        return self.shout(text)
+
     def raw_write(self, size: int) -> int:
         """Write straight to fd 1 and 2, bypassing the forwarding."""
         os.write(1, b"o" * size + b"\n")

@@ -761,7 +761,9 @@ class ChildWorker:
             reply = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
         finally:
             self._running.pop(call.id, None)
-        await self._send(identity, reply)
+        payload = m.encode(reply)
+        if not self._try_send_reply(identity, payload):
+            await self._send_payload(identity, payload)  # waits for room: backpressure
 
     # ------------------------------------------------------------------ sending
 
@@ -770,20 +772,24 @@ class ChildWorker:
         self._send_now(identity, m.encode(message))
 
     def _send_now(self, identity: bytes, payload: bytes) -> None:
+        if not self._try_send_reply(identity, payload) and self._nursery is not None:
+            self._nursery.start_soon(self._send_payload, identity, payload)
+
+    def _try_send_reply(self, identity: bytes, payload: bytes) -> bool:
+        """Send a reply if the parent's queue has room (False: it has none). Printed
+        output waiting to go is sent first; a reply to a parent that is gone is counted."""
         payload = _within_limit(payload)
         if self._output is not None:
             self._output.flush_now()
+        channel = self._channel
+        if channel is None or channel.closed:
+            return True
         try:
-            if self._channel is not None and self._channel.try_send([identity, b"", payload]):
-                return
+            return channel.try_send([identity, b"", payload])
         except zmq.ZMQError:
             self.counters.replies_undeliverable += 1
-            return
-        if self._nursery is not None:
-            self._nursery.start_soon(self._send_payload, identity, payload)
-
-    async def _send(self, identity: bytes, message: m.WireMap) -> None:
-        await self._send_payload(identity, m.encode(message))
+            self._parents.pop(identity, None)
+            return True
 
     async def _send_payload(self, identity: bytes, payload: bytes) -> None:
         payload = _within_limit(payload)

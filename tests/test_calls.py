@@ -202,6 +202,37 @@ async def test_sync_handlers_run_off_the_loop() -> None:
                     tg.cancel_scope.cancel()
 
 
+async def test_threaded_handlers_are_counted_once_however_their_reply_went() -> None:
+    """A worker thread sends its reply itself when the loop has nothing queued, else the
+    loop sends it in a batch; the worker's counters settle on the exact numbers either way."""
+
+    async def calls(count: int) -> None:
+        for index in range(count):
+            assert await worker.call.add_sync(index, 1) == index + 1
+        with pytest.raises(mf.RemoteCallError, match="boom"):
+            await worker.call.fail("boom")
+
+    with anyio.fail_after(60):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            before = await worker.call.stats()
+            await calls(50)  # one at a time: the threads send
+            async with anyio.create_task_group() as tg:  # 200 at once: the loop sends most
+                for _ in range(20):
+                    tg.start_soon(calls, 10)
+            # The loop books a thread's call just after its reply left: poll until it has.
+            # Each ``stats`` call is an inline call the next one counts as succeeded.
+            polls = 0
+            while True:
+                stats = await worker.call.stats()
+                polls += 1
+                settled = stats["calls_failed"] == before["calls_failed"] + 21
+                if settled and stats["calls_succeeded"] == before["calls_succeeded"] + 250 + polls:
+                    break
+                assert stats["calls_succeeded"] <= before["calls_succeeded"] + 250 + polls
+                await anyio.sleep(0.01)
+            assert stats["abandoned_results"] == before["abandoned_results"]
+
+
 async def test_child_print_reaches_the_parent_with_a_prefix(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

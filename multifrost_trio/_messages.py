@@ -1,9 +1,12 @@
 """Wire models, the msgpack codec and the portable-value rules (PROTOCOL.md sections 2 and 3).
 
 Decoding is tolerant (the "accept" column), encoding is exact (the "send" column). The models
-describe every message and validate what arrives; outgoing messages are plain maps built by
-the ``make_*`` functions from already-checked values, so the send path pays for no
-validation it does not need.
+describe every message and validate what arrives, except that the two messages on the hot
+path, a plain call and a plain response, are read straight from the unpacked map when its
+fields already have their wire types (``CallRequest.from_raw``, ``plain_core``): only maps
+the model would take unchanged. Outgoing messages are plain maps built by the ``make_*``
+functions from already-checked values, so the send path pays for no validation it does not
+need.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ log = logging.getLogger("multifrost_trio.transport")
 
 _NOBLOCK: Final = int(zmq.NOBLOCK)
 _SNDMORE: Final = int(zmq.SNDMORE)
-_RCVMORE: Final = int(zmq.RCVMORE)
 _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 _POLLOUT: Final = int(zmq.POLLOUT)
@@ -288,8 +287,8 @@ class Channel:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def unpark_reader_if_needed(self) -> None:
-        """Wake the parked reader if nobody reads the socket (called before the scheduler
-        sleeps, and from ``run_sync_soon``)."""
+        """Wake the parked reader if still nobody reads the socket (``_ReaderWatch`` asks
+        for this through ``run_sync_soon``; a caller may have started reading since)."""
         if self._leader is None:
             self._unpark_reader()
 

@@ -173,6 +173,21 @@ class _ThreadRunner:
             on_done(done.popleft())
 
 
+class _ReadyWatch(trio.abc.Instrument):
+    """Before each wait of the trio scheduler for I/O: if async calls wait in the ready
+    queue with no task summoned for them (every runner is blocked in a handler), summons
+    one, through ``run_sync_soon`` (rescheduling a task here would not end the wait)."""
+
+    def __init__(self, worker: ChildWorker) -> None:
+        self._worker = worker
+        self._token = trio.lowlevel.current_trio_token()
+
+    def before_io_wait(self, timeout: float) -> None:
+        worker = self._worker
+        if worker._ready and not worker._summoned:
+            self._token.run_sync_soon(worker._summon_if_stalled, idempotent=True)
+
+
 Stream = Literal["stdout", "stderr"]
 _Chunk = tuple[Stream, "bytes | None", str]
 """Printed text: stream, the caller it belongs to (None: no call), text."""
@@ -246,6 +261,7 @@ class _OutputPump:
         self._pending: list[_Chunk] = []
         self._pending_bytes = 0
         self._sending = 0
+        self._run_busy = False
         self._wakeup = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
 
@@ -293,8 +309,9 @@ class _OutputPump:
 
     def flush_now(self) -> None:
         """Send pending output without waiting (before a reply, so a call's printed lines
-        reach the parent before its result); what does not fit waits for ``run``."""
-        if not self._pending:
+        reach the parent before its result); what does not fit waits for ``run``. While
+        ``run`` is sending a batch (waiting for room), newer text waits behind it."""
+        if not self._pending or self._run_busy:
             return
         self._sending += 1
         try:
@@ -319,6 +336,7 @@ class _OutputPump:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             self._sending += 1
+            self._run_busy = True
             try:
                 for stream, caller, text in self._take():
                     payload = m.encode(m.make_output(stream, text))
@@ -326,6 +344,7 @@ class _OutputPump:
                         await self._worker._send_payload(identity, payload)
             finally:
                 self._sending -= 1
+                self._run_busy = False
 
 
 class ChildWorker:
@@ -392,6 +411,12 @@ class ChildWorker:
         self._running: dict[str, trio.CancelScope] = {}
         self._sync_jobs: dict[str, _SyncJob] = {}
         self._idle_tasks: dict[TrioWaiter, None] = {}
+        self._ready: collections.deque[tuple[bytes, m.CallRequest]] = collections.deque()
+        """Admitted async calls waiting for a pooled task to take them."""
+        self._runners = 0
+        """Pooled tasks taking calls from ``_ready`` (running one, or about to take one)."""
+        self._summoned = 0
+        """Idle or new pooled tasks asked to take calls that have not started yet."""
         self._backlog: collections.deque[tuple[bytes, m.CallRequest]] = collections.deque()
         self._active = 0
         self._nursery: trio.Nursery | None = None
@@ -502,6 +527,8 @@ class ChildWorker:
         channel = Channel(sock, self._on_frames)
         self._channel = channel
         original_streams = sys.stdout, sys.stderr
+        watch = _ReadyWatch(self)
+        trio.lowlevel.add_instrument(watch)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -527,6 +554,7 @@ class ChildWorker:
             sys.stdout, sys.stderr = original_streams
             self._nursery = None
             self._output = None
+            trio.lowlevel.remove_instrument(watch)
             channel.close()
 
     def _stop(self) -> None:
@@ -645,8 +673,17 @@ class ChildWorker:
             job = _SyncJob(identity, call, getattr(self, call.function or ""))
             self._sync_jobs[call.id] = job
             self._threads.submit(job)
-        elif self._idle_tasks and self._channel is not None:
-            # The idle task reading the socket runs the call without a task switch.
+        else:
+            self._ready.append((identity, call))
+            if not self._runners and not self._summoned:
+                self._summon_runner()
+
+    def _summon_runner(self) -> None:
+        """Get a pooled task to take calls from ``_ready``: the idle task reading the
+        socket if there is one (it goes on without a task switch), another idle one, or a
+        new one."""
+        self._summoned += 1
+        if self._idle_tasks and self._channel is not None:
             idle, leader = self._idle_tasks, self._channel.leader
             waiter = (
                 leader
@@ -654,10 +691,15 @@ class ChildWorker:
                 else next(reversed(idle))
             )
             del idle[waiter]
-            waiter.value = (identity, call)
             self._channel.wake(waiter)
         elif self._nursery is not None:
-            self._nursery.start_soon(self._async_loop, identity, call)
+            self._nursery.start_soon(self._async_loop)
+
+    def _summon_if_stalled(self) -> None:
+        """Calls wait in ``_ready`` while every runner is blocked in a handler: one more
+        task takes them (asked for by ``_ReadyWatch`` before the scheduler waits)."""
+        if self._ready and not self._summoned:
+            self._summon_runner()
 
     def _release(self) -> None:
         """A handler finished: start the oldest waiting call, if any."""
@@ -700,39 +742,41 @@ class ChildWorker:
                 self._send_now(job.identity, job.payload)
         self._release()
 
-    async def _async_loop(self, identity: bytes, call: m.CallRequest) -> None:
-        """A pooled handler task: run a call, then wait until given the next one.
+    async def _async_loop(self) -> None:
+        """A pooled handler task: take calls from ``_ready`` until none is left, then wait
+        idle until summoned again.
 
-        Waking a waiting task is far cheaper than starting one per call; and an idle task
-        that reads the socket itself (``Channel.wait_for``) runs the call it reads without
-        any task switch at all. One cancel scope serves call after call until a ``cancel``
-        message uses it up: entering a trio cancel scope costs more (about 13 µs) than a
-        short handler.
+        Calls that arrive together run one after another in the task that takes them, in
+        one task step when their handlers do not block; when one blocks, ``_ReadyWatch``
+        sees calls waiting before the scheduler waits and summons another task for them.
+        Waking a waiting task is far cheaper than starting one per call, and an idle task
+        that reads the socket itself (``Channel.wait_for``) goes on to run the calls it
+        reads without any task switch at all. One cancel scope serves call after call
+        until a ``cancel`` message uses it up: entering a trio cancel scope costs more
+        (about 13 us) than a short handler.
         """
+        ready = self._ready
+        self._summoned -= 1
         while True:
             with trio.CancelScope() as scope:
                 while True:
-                    await self._run_async(identity, call, scope)
-                    self._active -= 1
-                    if scope.cancel_called:  # came too late to stop the handler: renew
+                    self._runners += 1
+                    try:
+                        while ready and not scope.cancel_called:
+                            identity, call = ready.popleft()
+                            await self._run_async(identity, call, scope)
+                            self._release()
+                    finally:
+                        self._runners -= 1
+                    if scope.cancel_called:  # came too late to stop its handler: renew
                         break
-                    identity, call = await self._next_async_call()
+                    await self._wait_idle()
             if scope.cancelled_caught:
                 self.counters.calls_cancelled += 1
-                self._active -= 1
-            identity, call = await self._next_async_call()
+                self._release()
 
-    async def _next_async_call(self) -> tuple[bytes, m.CallRequest]:
-        """Start the waiting calls there is room for; the first async one is this task's
-        next call. With none waiting, wait idle until one is handed over."""
-        backlog = self._backlog
-        while backlog and self._active < self.max_concurrency:
-            identity, call = backlog.popleft()
-            kind = self._functions.get(call.function or "", "thread")
-            if kind == "async":
-                self._active += 1
-                return identity, call
-            self._dispatch(identity, call, kind)
+    async def _wait_idle(self) -> None:
+        """Wait until summoned (see ``_summon_runner``)."""
         channel = self._channel
         assert channel is not None
         waiter = TrioWaiter()
@@ -743,8 +787,7 @@ class ChildWorker:
         finally:
             if not waiter.done:
                 del idle[waiter]
-        next_call: tuple[bytes, m.CallRequest] = waiter.value
-        return next_call
+        self._summoned -= 1
 
     async def _run_async(
         self, identity: bytes, call: m.CallRequest, scope: trio.CancelScope

@@ -124,6 +124,26 @@ async def test_many_concurrent_calls_are_neither_lost_nor_crossed() -> None:
     assert metrics.requests_failed == 0
 
 
+@pytest.mark.parametrize("size", [2, 50])
+async def test_async_handlers_that_block_run_at_the_same_time(size: int) -> None:
+    """Calls arriving together may share a task while they do not block; once one blocks,
+    the others still start: ``meet`` returns only when all ``size`` calls run at once."""
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+
+            async def meet(group: str, results: list[int]) -> None:
+                results.append(await worker.call.meet(group, size))
+
+            for round_ in range(3):
+                results: list[int] = []
+                async with anyio.create_task_group() as tg:
+                    for _ in range(size):
+                        tg.start_soon(meet, f"round {round_}", results)
+                    for index in range(20):  # quick calls in between are answered too
+                        assert await worker.call.add_async(index, 1) == index + 1
+                assert results == [size] * size
+
+
 async def test_cancelled_call_cancels_the_handler_and_the_worker_goes_on() -> None:
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:

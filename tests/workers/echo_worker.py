@@ -18,6 +18,7 @@ class EchoWorker(ChildWorker):
         super().__init__()
         self.cancelled = trio.Event()
         self.finally_ran = 0
+        self.meetings: dict[str, list[Any]] = {}
 
     async def echo(self, value: Any) -> Any:
         return value
@@ -50,6 +51,15 @@ class EchoWorker(ChildWorker):
             await self.cancelled.wait()
         self.cancelled = trio.Event()
         return self.finally_ran > 0
+
+    async def meet(self, group: str, size: int) -> int:
+        """Return only once ``size`` calls of ``group`` are running at the same time."""
+        arrived = self.meetings.setdefault(group, [0, trio.Event()])
+        arrived[0] += 1
+        if arrived[0] == size:
+            arrived[1].set()
+        await arrived[1].wait()
+        return size
 
     def finally_count(self) -> int:
         return self.finally_ran

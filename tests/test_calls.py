@@ -159,6 +159,42 @@ async def test_cancelled_call_cancels_the_handler_and_the_worker_goes_on() -> No
             assert worker.metrics().requests_cancelled == 1
 
 
+async def test_random_cancellation_through_a_narrow_worker_leaves_its_accounting_at_zero() -> None:
+    """20,000 calls from 50 tasks, most cancelled at random points, through a worker with
+    room for 4 handlers (so calls wait in its backlog and ready queue): every call that is
+    not cancelled gets its own result, and once all is quiet the worker's accounting of calls
+    in progress is back at zero and it goes on answering."""
+    narrow = worker_path("narrow_worker.py")
+    rng = random.Random(11)
+    finished = 0
+
+    async def caller(worker: mf.Worker, task: int) -> None:
+        nonlocal finished
+        for i in range(400):
+            pick = rng.random()
+            with anyio.move_on_after(rng.choice([0.0002, 0.001, 0.005, 0.05])):
+                if pick < 0.4:
+                    assert await worker.call.add_async(task, i) == task + i
+                elif pick < 0.7:
+                    assert await worker.call.nap(rng.random() * 0.003, i) == i
+                else:
+                    assert await worker.call.add_sync(task, i) == task + i
+                finished += 1
+
+    with anyio.fail_after(120):
+        async with mf.open_worker(narrow, options=QUIET) as worker:
+            async with anyio.create_task_group() as tg:
+                for task in range(50):
+                    tg.start_soon(caller, worker, task)
+            assert worker.pending_calls == 0
+            assert 0 < finished < 20_000
+            # Cancelled threaded calls finish on their threads a little later: poll.
+            while any((await worker.call.bookkeeping()).values()):
+                await anyio.sleep(0.05)
+            for i in range(100):
+                assert await worker.call.nap(0, i) == i
+
+
 async def test_timeout_option_raises_call_timeout_and_cancels_the_handler() -> None:
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:

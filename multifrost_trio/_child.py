@@ -46,7 +46,9 @@ _PPID_POLL_SECONDS: Final = 1.0
 """Parent-death check for parents that pass no pipe (other implementations)."""
 _OUTPUT_BUFFER_LIMIT: Final = 8 * 1024 * 1024
 """Bytes of forwarded print() output kept while the parent is slow; older text is dropped."""
-_OUTPUT_CHUNK: Final = 256 * 1024
+_OUTPUT_CHUNK: Final = 16 * 1024
+"""Printed text merged into one message at most: the parent hands a message's lines to its
+output sink in one go, so this bounds how long one message holds the parent's loop."""
 
 _INLINE_ATTR: Final = "__multifrost_inline__"
 F = TypeVar("F", bound=Callable[..., Any])

@@ -4,16 +4,20 @@ libzmq's ``ZMQ_FD`` only signals when the socket's command mailbox changes, and 
 (send, recv, reading ``EVENTS``) may consume that signal while messages stay queued. So:
 every zmq call made here is followed by a drain (receive until nothing is queued) before
 anyone may sleep on the fd again; a sender that meets a full queue waits for a reader to see
-``POLLOUT``. Flags are plain ints and frames go through the socket's base ``send``/``recv``:
-pyzmq's enum arithmetic and keyword handling are measurable on this path.
+``POLLOUT``. A drain runs for a bounded time and schedules its own continuation, so a peer
+that sends without pause cannot hold the event loop. Flags are plain ints and frames go
+through the socket's base ``send``/``recv``: pyzmq's enum arithmetic and keyword handling
+are measurable on this path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -32,6 +36,10 @@ _POLLIN: Final = int(zmq.POLLIN)
 _POLLOUT: Final = int(zmq.POLLOUT)
 _AGAIN: Final = zmq.Again
 _BaseSocket: Final = zmq.backend.Socket
+
+DRAIN_SLICE: Final = 0.002
+"""Seconds one drain may run before it lets other tasks run: a hundred replies here, or
+fewer messages when each carries printed lines for a slow output sink."""
 
 CLOSE_LINGER_MS: Final = 200
 """How long libzmq keeps trying to deliver queued frames (e.g. a final ``shutdown``) after
@@ -189,6 +197,7 @@ class Channel:
         self._lock = threading.Lock()
         """Held around every use of the socket: threads may send on it (``send_from_thread``)."""
         self._token = trio.lowlevel.current_trio_token() if self._on_trio else None
+        self._continuation_scheduled = False
 
     @property
     def closed(self) -> bool:
@@ -202,13 +211,15 @@ class Channel:
     def drain(
         self, *, expect_message: bool = False, until: Waiter | TrioWaiter | None = None
     ) -> None:
-        """Receive and hand over every message already queued; never sleeps.
+        """Receive and hand over messages already queued; never sleeps.
 
-        ``expect_message``: the fd just fired, so try to receive before asking ``EVENTS``
-        (a failed receive costs more than the question, a successful one less). ``until``:
-        stop as soon as this waiter is woken; the drain is then owed, and paid before anyone
-        sleeps on the fd (the next send pays it anyway, and a reply is not kept waiting
-        behind the question whether more is queued).
+        Runs for at most about ``DRAIN_SLICE``; if more may be queued the drain is owed and
+        its continuation scheduled, so other tasks run in between. ``expect_message``: the
+        fd just fired, so try to receive before asking ``EVENTS`` (a failed receive costs
+        more than the question, a successful one less). ``until``: stop as soon as this
+        waiter is woken; the drain is then owed, and paid before anyone sleeps on the fd
+        (the next send pays it anyway, and a reply is not kept waiting behind the question
+        whether more is queued, nor behind a flood of other messages).
         """
         if self._draining or self._closed:
             return
@@ -216,6 +227,9 @@ class Channel:
         lock = self._lock
         getsockopt = self._int_option
         on_frames = self._on_frames
+        clock = time.monotonic
+        deadline = clock() + DRAIN_SLICE
+        events = 0
         try:
             if expect_message:
                 with lock:
@@ -225,10 +239,14 @@ class Channel:
                         frames = None
                 if frames is not None:
                     on_frames(frames)
-                    if until is not None and until.done and not self._send_waiters:
-                        self._drain_owed = True
-                        return
             while True:
+                if until is not None and until.done and not self._send_waiters:
+                    self._drain_owed = True
+                    return
+                if clock() >= deadline:
+                    self._drain_owed = True
+                    self._schedule_continuation()
+                    return
                 with lock:
                     events = getsockopt(_EVENTS)
                     if not events & _POLLIN:
@@ -240,6 +258,23 @@ class Channel:
             self._draining = False
         if self._send_waiters and events & _POLLOUT:
             self._wake_senders(None)
+
+    def _schedule_continuation(self) -> None:
+        """Drain again once the tasks already runnable have had their turn."""
+        if self._token is not None:
+            self._token.run_sync_soon(self._continue_drain, idempotent=True)
+        elif not self._continuation_scheduled:
+            self._continuation_scheduled = True
+            asyncio.get_running_loop().call_soon(self._continue_drain)
+
+    def _continue_drain(self) -> None:
+        self._continuation_scheduled = False
+        try:
+            self.drain()
+        except zmq.ZMQError:
+            # Only a socket closed under the channel fails here; its reader meets the same
+            # error and reports it.
+            log.debug("drain continuation failed", exc_info=True)
 
     def _receive_one(self) -> list[bytes]:
         recv = self._recv_frame
@@ -388,7 +423,7 @@ class Channel:
             events = self._int_option(_EVENTS)
         if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
             with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self.drain, idempotent=True)
+                self._token.run_sync_soon(self._continue_drain, idempotent=True)
         return sent
 
     async def send(self, frames: Sequence[bytes]) -> None:

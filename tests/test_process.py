@@ -220,3 +220,77 @@ async def test_closing_with_unsent_messages_does_not_block() -> None:
             channel.close()
             assert time.perf_counter() - started < 0.1
         assert channel.closed
+
+
+def _inproc_pair(name: str) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """A connected peer and channel socket; inproc delivers each send into the channel
+    socket's queue at once, so a test knows exactly what is queued."""
+    peer = new_socket(zmq.PAIR)
+    peer.bind(f"inproc://{name}")
+    ours = new_socket(zmq.PAIR)
+    ours.connect(f"inproc://{name}")
+    return peer, ours
+
+
+async def test_a_drain_stops_at_its_waiters_message_however_many_follow() -> None:
+    """A caller whose reply is in goes on at once; the rest of the queue is owed."""
+    waiter_type = mf._transport.waiter_type()
+    waiter = waiter_type()
+    handled: list[bytes] = []
+
+    def on_frames(frames: list[bytes]) -> None:
+        handled.append(frames[0])
+        if frames[0] == b"reply":
+            waiter.wake()
+
+    peer, ours = _inproc_pair("drain-until")
+    channel = Channel(ours, on_frames)
+    try:
+        for body in [b"reply"] + [b"other %d" % i for i in range(200)]:
+            peer.send(body)
+        channel.drain(until=waiter)
+        assert handled == [b"reply"]
+        channel.drain()  # what was owed: everything, in order
+        assert handled == [b"reply"] + [b"other %d" % i for i in range(200)]
+    finally:
+        channel.close()
+        peer.close(linger=0)
+
+
+async def test_a_flood_of_messages_does_not_hold_the_event_loop() -> None:
+    """Each drain runs for a bounded time and schedules its continuation; other tasks run
+    in between, and every message still arrives once, in order."""
+    total = 100
+    handled: list[bytes] = []
+    all_in = anyio.Event()
+
+    def slow_sink(frames: list[bytes]) -> None:
+        time.sleep(0.001)  # a slow output sink, not a wait for an event
+        handled.append(frames[0])
+        if len(handled) == total:
+            all_in.set()
+
+    peer, ours = _inproc_pair("drain-flood")
+    channel = Channel(ours, slow_sink)
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not all_in.is_set():
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    try:
+        with anyio.fail_after(10):
+            for i in range(total):
+                peer.send(b"%d" % i)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(channel.run)
+                tg.start_soon(other_task)
+                await all_in.wait()
+                tg.cancel_scope.cancel()
+        assert handled == [b"%d" % i for i in range(total)]
+        assert turns >= 10, f"the loop ran other tasks only {turns} times during the flood"
+    finally:
+        channel.close()
+        peer.close(linger=0)

@@ -253,14 +253,28 @@ class _OutputForwarder(io.TextIOBase):
         return "utf-8"
 
 
+class _QueuedReply:
+    """A reply that waits in the output pump's queue, behind printed text that went out
+    before it or for room at its parent; ``sent`` is set once it left."""
+
+    __slots__ = ("identity", "payload", "sent")
+
+    def __init__(self, identity: bytes, payload: bytes) -> None:
+        self.identity = identity
+        self.payload = payload
+        self.sent = trio.Event()
+
+
 class _OutputPump:
-    """Collects printed text from any thread and sends it from the trio thread."""
+    """Sends printed text (collected from any thread) from the trio thread, and with it,
+    in the order they were made, the replies that could not go at once: a call's printed
+    lines always reach its parent before its result."""
 
     def __init__(self, worker: ChildWorker, originals: dict[Stream, Any]) -> None:
         self._worker = worker
         self._originals = originals
         self._lock = threading.Lock()
-        self._pending: list[_Chunk] = []
+        self._pending: list[_Chunk | _QueuedReply] = []
         self._pending_bytes = 0
         self._sending = 0
         self._run_busy = False
@@ -271,31 +285,65 @@ class _OutputPump:
         with self._lock:
             self._pending.append((stream, caller, text))
             self._pending_bytes += len(text)
-            while self._pending_bytes > _OUTPUT_BUFFER_LIMIT and len(self._pending) > 1:
-                dropped = self._pending.pop(0)[2]
-                self._pending_bytes -= len(dropped)
-                self._worker.counters.output_dropped_bytes += len(dropped)
+            if self._pending_bytes > _OUTPUT_BUFFER_LIMIT:
+                self._drop_oldest_text()
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._wake, idempotent=True)
+
+    def _drop_oldest_text(self) -> None:
+        """Drop the oldest printed text until the rest fits (never a reply, never the
+        newest text); called with the lock held."""
+        pending = self._pending
+        index = 0
+        while self._pending_bytes > _OUTPUT_BUFFER_LIMIT and index < len(pending) - 1:
+            item = pending[index]
+            if isinstance(item, _QueuedReply):
+                index += 1
+                continue
+            del pending[index]
+            self._pending_bytes -= len(item[2])
+            self._worker.counters.output_dropped_bytes += len(item[2])
+
+    def queue_reply(self, identity: bytes, payload: bytes) -> _QueuedReply:
+        """Queue a reply behind what waits to go (called on the trio thread)."""
+        reply = _QueuedReply(identity, payload)
+        with self._lock:
+            self._pending.append(reply)
+        self._wakeup.set()
+        return reply
 
     def _wake(self) -> None:
         self._wakeup.set()
 
     @property
     def idle(self) -> bool:
-        """No printed text is waiting or being sent (read from any thread)."""
+        """Nothing is waiting or being sent (read from any thread)."""
         return not self._pending and not self._sending
 
-    def _take(self) -> list[_Chunk]:
+    def _take(self) -> list[_Chunk | _QueuedReply]:
+        """Everything pending; consecutive text of one stream and caller merged into
+        messages of up to ``_OUTPUT_CHUNK`` characters."""
         with self._lock:
             batch, self._pending = self._pending, []
             self._pending_bytes = 0
-        merged: list[_Chunk] = []
-        for stream, caller, text in batch:
-            if merged and merged[-1][:2] == (stream, caller) and len(merged[-1][2]) < _OUTPUT_CHUNK:
-                merged[-1] = (stream, caller, merged[-1][2] + text)
+        merged: list[_Chunk | _QueuedReply] = []
+        key: tuple[Stream, bytes | None] | None = None
+        texts: list[str] = []
+        size = 0
+        for item in batch:
+            if not isinstance(item, _QueuedReply) and item[:2] == key and size < _OUTPUT_CHUNK:
+                texts.append(item[2])
+                size += len(item[2])
+                continue
+            if key is not None:
+                merged.append((*key, "".join(texts)))
+                key = None
+            if isinstance(item, _QueuedReply):
+                merged.append(item)
             else:
-                merged.append((stream, caller, text))
+                key, texts, size = item[:2], [item[2]], len(item[2])
+        if key is not None:
+            merged.append((*key, "".join(texts)))
         return merged
 
     def _targets(self, stream: Stream, caller: bytes | None, text: str) -> list[bytes]:
@@ -310,9 +358,9 @@ class _OutputPump:
         return list(self._worker._parents)
 
     def flush_now(self) -> None:
-        """Send pending output without waiting (before a reply, so a call's printed lines
+        """Send what is pending without waiting (before a reply, so a call's printed lines
         reach the parent before its result); what does not fit waits for ``run``. While
-        ``run`` is sending a batch (waiting for room), newer text waits behind it."""
+        ``run`` is sending a batch (waiting for room), everything newer waits behind it."""
         if not self._pending or self._run_busy:
             return
         self._sending += 1
@@ -322,28 +370,48 @@ class _OutputPump:
             self._sending -= 1
 
     def _send_batch_now(self) -> None:
+        worker = self._worker
         batch = self._take()
-        for index, (stream, caller, text) in enumerate(batch):
+        for index, item in enumerate(batch):
+            if isinstance(item, _QueuedReply):
+                if not worker._try_send_to(item.identity, item.payload, reply=True):
+                    self._requeue(batch[index:])
+                    return
+                item.sent.set()
+                continue
+            stream, caller, text = item
             payload = m.encode(m.make_output(stream, text))
-            for identity in self._targets(stream, caller, text):
-                if not self._worker._try_send_output(identity, payload):
-                    with self._lock:
-                        self._pending[:0] = batch[index:]
-                        self._pending_bytes += sum(len(chunk[2]) for chunk in batch[index:])
-                    self._wakeup.set()
+            targets = self._targets(stream, caller, text)
+            for served, identity in enumerate(targets):
+                if not worker._try_send_to(identity, payload, reply=False):
+                    # Only the parents not served yet get this text again.
+                    rest = [(stream, target, text) for target in targets[served:]]
+                    self._requeue([*rest, *batch[index + 1 :]])
                     return
 
+    def _requeue(self, items: list[_Chunk | _QueuedReply]) -> None:
+        with self._lock:
+            self._pending[:0] = items
+            self._pending_bytes += sum(len(i[2]) for i in items if isinstance(i, tuple))
+        self._wakeup.set()
+
     async def run(self) -> None:
+        worker = self._worker
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             self._sending += 1
             self._run_busy = True
             try:
-                for stream, caller, text in self._take():
+                for item in self._take():
+                    if isinstance(item, _QueuedReply):
+                        await worker._send_to(item.identity, item.payload, reply=True)
+                        item.sent.set()
+                        continue
+                    stream, caller, text = item
                     payload = m.encode(m.make_output(stream, text))
                     for identity in self._targets(stream, caller, text):
-                        await self._worker._send_payload(identity, payload)
+                        await worker._send_to(identity, payload, reply=False)
             finally:
                 self._sending -= 1
                 self._run_busy = False
@@ -741,7 +809,7 @@ class ChildWorker:
             else:
                 self.counters.calls_succeeded += 1
             if not job.sent:
-                self._send_now(job.identity, job.payload)
+                self._send_reply(job.identity, job.payload)
         self._release()
 
     async def _async_loop(self) -> None:
@@ -806,59 +874,55 @@ class ChildWorker:
             reply = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
         finally:
             self._running.pop(call.id, None)
-        payload = m.encode(reply)
-        if not self._try_send_reply(identity, payload):
-            await self._send_payload(identity, payload)  # waits for room: backpressure
+        queued = self._send_reply(identity, m.encode(reply))
+        if queued is not None:
+            await queued.sent.wait()  # backpressure: the slot stays taken until it left
 
     # ------------------------------------------------------------------ sending
 
     def _reply_now(self, identity: bytes, message: m.WireMap) -> None:
-        """Send from a sync context; a full peer queue hands the send to a task."""
-        self._send_now(identity, m.encode(message))
+        """Send from a sync context (queued if it cannot go at once)."""
+        self._send_reply(identity, m.encode(message))
 
-    def _send_now(self, identity: bytes, payload: bytes) -> None:
-        if not self._try_send_reply(identity, payload) and self._nursery is not None:
-            self._nursery.start_soon(self._send_payload, identity, payload)
-
-    def _try_send_reply(self, identity: bytes, payload: bytes) -> bool:
-        """Send a reply if the parent's queue has room (False: it has none). Printed
-        output waiting to go is sent first; a reply to a parent that is gone is counted."""
+    def _send_reply(self, identity: bytes, payload: bytes) -> _QueuedReply | None:
+        """Send a reply now unless printed text waits to go before it or the parent has no
+        room; then it is queued in order and the returned entry says when it left."""
         payload = _within_limit(payload)
-        if self._output is not None:
-            self._output.flush_now()
+        output = self._output
+        if output is not None and not output.idle:
+            output.flush_now()
+            if not output.idle:
+                return output.queue_reply(identity, payload)
+        if self._try_send_to(identity, payload, reply=True) or output is None:
+            return None
+        return output.queue_reply(identity, payload)
+
+    def _try_send_to(self, identity: bytes, payload: bytes, *, reply: bool) -> bool:
+        """Send without waiting; False if that parent had no room. A parent that is gone
+        is forgotten (and a reply to it counted)."""
         channel = self._channel
         if channel is None or channel.closed:
             return True
         try:
             return channel.try_send([identity, b"", payload])
         except zmq.ZMQError:
-            self.counters.replies_undeliverable += 1
-            self._parents.pop(identity, None)
+            self._forget_parent(identity, reply=reply)
             return True
 
-    async def _send_payload(self, identity: bytes, payload: bytes) -> None:
-        payload = _within_limit(payload)
-        if self._output is not None:
-            self._output.flush_now()
+    async def _send_to(self, identity: bytes, payload: bytes, *, reply: bool) -> None:
+        """Send, waiting (cancellably) for room at that parent."""
         channel = self._channel
         if channel is None or channel.closed:
             return
         try:
             await channel.send([identity, b"", payload])
         except zmq.ZMQError:
-            self.counters.replies_undeliverable += 1
-            self._parents.pop(identity, None)
+            self._forget_parent(identity, reply=reply)
 
-    def _try_send_output(self, identity: bytes, payload: bytes) -> bool:
-        """Send printed output without waiting; False if that parent had no room."""
-        channel = self._channel
-        if channel is None or channel.closed:
-            return True
-        try:
-            return channel.try_send([identity, b"", payload])
-        except zmq.ZMQError:
-            self._parents.pop(identity, None)
-            return True
+    def _forget_parent(self, identity: bytes, *, reply: bool) -> None:
+        if reply:
+            self.counters.replies_undeliverable += 1
+        self._parents.pop(identity, None)
 
 
 _RESERVED_NAMES: Final = frozenset(

@@ -391,6 +391,96 @@ async def test_output_flood_neither_blocks_calls_nor_loses_lines() -> None:
     assert lines[-1] == "line 99999"
 
 
+class _ParentQueue:
+    """Stands in for the child's channel: a parent queue that is full until told, and
+    that records what left, in order."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.room = False
+        self.sent: list[tuple[bytes, Any]] = []
+        self._changed = trio.Event()
+
+    def try_send(self, frames: list[bytes]) -> bool:
+        if self.room:
+            self.sent.append((frames[0], mf._messages.unpack(frames[2])))
+        return self.room
+
+    async def send(self, frames: list[bytes]) -> None:
+        while not self.try_send(frames):
+            await self._changed.wait()
+
+    def make_room(self, *, tell_waiting_senders: bool) -> None:
+        self.room = True
+        if tell_waiting_senders:
+            self._changed.set()
+
+
+def _child_with_parent_queue(parents: list[bytes]) -> tuple[mf.ChildWorker, _ParentQueue]:
+    worker = mf.ChildWorker()
+    queue = _ParentQueue()
+    worker._channel = queue  # type: ignore[assignment]
+    worker._parents.update(dict.fromkeys(parents))
+    worker._output = mf._child._OutputPump(worker, {"stdout": sys.stdout, "stderr": sys.stderr})
+    return worker, queue
+
+
+def test_a_reply_never_overtakes_printed_text_waiting_for_room() -> None:
+    """The parent's queue was full while a call printed; room appears just as its reply
+    is ready (before the sender waiting for room has noticed): the text still goes
+    first."""
+
+    async def main() -> None:
+        worker, queue = _child_with_parent_queue([b"parent"])
+        pump = worker._output
+        assert pump is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run)
+            pump.push("stdout", b"parent", "printed by the call\n")
+            await trio.testing.wait_all_tasks_blocked()  # the pump now waits for room
+            queue.make_room(tell_waiting_senders=False)
+            response = mf._messages.encode(mf._messages.make_response("call-1", 3))
+            queued = worker._send_reply(b"parent", response)
+            assert queued is not None
+            queue.make_room(tell_waiting_senders=True)
+            with trio.fail_after(5):
+                await queued.sent.wait()
+            nursery.cancel_scope.cancel()
+        assert [message["type"] for _, message in queue.sent] == ["stdout", "response"]
+
+    run_with_mock_clock(main)
+
+
+def test_text_for_several_parents_reaches_each_once_when_one_had_no_room() -> None:
+    async def main() -> None:
+        worker, queue = _child_with_parent_queue([b"served", b"full"])
+        pump = worker._output
+        assert pump is not None
+        full_until_told = queue.try_send
+
+        def only_one_has_room(frames: list[bytes]) -> bool:
+            if frames[0] == b"full" and not queue.room:
+                return False
+            queue.sent.append((frames[0], mf._messages.unpack(frames[2])))
+            return True
+
+        queue.try_send = only_one_has_room  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run)
+            pump.push("stdout", None, "printed outside any call\n")
+            pump.flush_now()
+            assert [who for who, _ in queue.sent] == [b"served"]
+            queue.try_send = full_until_told  # type: ignore[method-assign]
+            queue.make_room(tell_waiting_senders=True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pump.idle
+            nursery.cancel_scope.cancel()
+        assert sorted(who for who, _ in queue.sent) == [b"full", b"served"]
+
+    run_with_mock_clock(main)
+
+
 @pytest.mark.anyio
 async def test_output_can_go_to_a_logger(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("tests.worker_output")

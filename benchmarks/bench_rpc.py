@@ -1,9 +1,10 @@
 """Round-trip latency and throughput of multifrost_trio against a raw pyzmq floor.
 
 The floor is a blocking pyzmq DEALER (this process) and ROUTER (a child process) exchanging
-the same msgpack maps the protocol uses. Rounds interleave floor and library measurements so
-machine noise hits both; the table shows medians and ratios (library / floor for latency,
-library / floor for throughput).
+the same msgpack maps the protocol uses. Every library measurement is paired with a floor
+measurement taken right before or after it (the order alternates between rounds), so the
+machine's slow drifts hit both; the table shows medians, and ratios as the median over
+rounds of each pair's ratio (library / floor for latency and for throughput).
 
     python benchmarks/bench_rpc.py [--rounds 5] [--calls 3000] [--json]
 """
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgpack
@@ -209,23 +211,40 @@ def main() -> None:
     options = mf.SpawnOptions(heartbeat_interval=0)
     with_heartbeats = mf.SpawnOptions(heartbeat_interval=args.heartbeat)
     floor = Floor()
+    calls = args.calls
+
+    async def library_round(floor_first: bool) -> None:
+        async def paired(
+            key: str, floor_side: Callable[[], float], library: Awaitable[float]
+        ) -> None:
+            """One library measurement and its floor, in this round's order."""
+            floor_value = floor_side() if floor_first else 0.0
+            value = await library
+            if not floor_first:
+                floor_value = floor_side()
+            add(key, value)
+            add("floor_tput" if key.endswith("_tput") else "floor_seq", floor_value)
+            add(f"{key}_ratio", value / floor_value)
+
+        def floor_seq() -> float:
+            return floor.sequential(calls)
+
+        def floor_tput() -> float:
+            return floor.pipelined(calls * 3)
+
+        await paired("trio_floor_seq", floor_seq, floor.trio_sequential(calls))
+        async with mf.open_worker(WORKER, options=options) as worker:
+            await lib_sequential(worker, "add_async", 200)  # warm-up
+            for kind, function in KINDS.items():
+                await paired(f"{kind}_seq", floor_seq, lib_sequential(worker, function, calls))
+                await paired(f"{kind}_tput", floor_tput, lib_pipelined(worker, function, calls * 3))
+        async with mf.open_worker(WORKER, options=with_heartbeats) as worker:
+            await lib_sequential(worker, "add_async", 200)
+            add("hb_seq", await lib_sequential(worker, "add_async", calls))
+
     try:
-        for _ in range(args.rounds):
-            add("floor_seq", floor.sequential(args.calls))
-            add("floor_tput", floor.pipelined(args.calls * 3))
-            add("trio_floor_seq", trio.run(floor.trio_sequential, args.calls))
-
-            async def library_round() -> None:
-                async with mf.open_worker(WORKER, options=options) as worker:
-                    await lib_sequential(worker, "add_async", 200)  # warm-up
-                    for kind, function in KINDS.items():
-                        add(f"{kind}_seq", await lib_sequential(worker, function, args.calls))
-                        add(f"{kind}_tput", await lib_pipelined(worker, function, args.calls * 3))
-                async with mf.open_worker(WORKER, options=with_heartbeats) as worker:
-                    await lib_sequential(worker, "add_async", 200)
-                    add("hb_seq", await lib_sequential(worker, "add_async", args.calls))
-
-            trio.run(library_round)
+        for round_index in range(args.rounds):
+            trio.run(library_round, round_index % 2 == 0)
             add("spawn_ready", spawn_to_ready())
             add("import", import_time())
         add("codec_us", codec_us())
@@ -235,9 +254,8 @@ def main() -> None:
     med = {key: statistics.median(values) for key, values in results.items()}
     rows = []
     for kind in KINDS:
-        seq_ratio = med[f"{kind}_seq"] / med["floor_seq"]
-        tput_ratio = med[f"{kind}_tput"] / med["floor_tput"]
-        rows.append((kind, med[f"{kind}_seq"] * 1e6, seq_ratio, med[f"{kind}_tput"], tput_ratio))
+        seq, tput = med[f"{kind}_seq"], med[f"{kind}_tput"]
+        rows.append((kind, seq * 1e6, med[f"{kind}_seq_ratio"], tput, med[f"{kind}_tput_ratio"]))
     spawn_ratio = med["spawn_ready"] / med["import"]
     if args.json:
         print(json.dumps({"medians": med, "rounds": args.rounds, "calls": args.calls}, indent=2))
@@ -249,7 +267,7 @@ def main() -> None:
     )
     print(
         f"trio floor (one trio task, raw pyzmq): sequential "
-        f"{med['trio_floor_seq'] * 1e6:.1f} us = {med['trio_floor_seq'] / med['floor_seq']:.2f}x"
+        f"{med['trio_floor_seq'] * 1e6:.1f} us = {med['trio_floor_seq_ratio']:.2f}x"
     )
     header = ("handler", "seq us", "seq x floor", "calls/s@100", "tput x floor")
     print("{:<8} {:>8} {:>12} {:>12} {:>13}".format(*header))

@@ -144,10 +144,13 @@ _CLOSED_ERRORS: Final = (anyio.ClosedResourceError, trio.ClosedResourceError, OS
 
 
 class _ReaderWatch(trio.abc.Instrument):
-    """Before each wait of the trio scheduler for I/O, makes sure someone reads the socket.
+    """Before each wait of the trio scheduler for I/O, makes sure someone reads the socket
+    and that no drain is owed.
 
     Rescheduling a task there would not end a sleep that follows, so the parked reader is
-    woken through ``run_sync_soon`` (which does), and only when no task reads.
+    woken through ``run_sync_soon`` (which does), and only when no task reads. An owed
+    drain is settled here by asking ``EVENTS`` alone; messages found are handed over by a
+    drain scheduled the same way (no message is handed over inside the scheduler).
     """
 
     def __init__(self, channel: Channel) -> None:
@@ -156,8 +159,12 @@ class _ReaderWatch(trio.abc.Instrument):
 
     def before_io_wait(self, timeout: float) -> None:
         channel = self._channel
+        if channel._closed:
+            return
         if channel._parked_reader is not None and channel._leader is None:
             self._token.run_sync_soon(channel.unpark_reader_if_needed, idempotent=True)
+        elif channel._drain_owed:
+            channel.settle_owed_drain()
 
 
 class Channel:
@@ -198,6 +205,8 @@ class Channel:
         """Held around every use of the socket: threads may send on it (``send_from_thread``)."""
         self._token = trio.lowlevel.current_trio_token() if self._on_trio else None
         self._continuation_scheduled = False
+        self._watched = False
+        """A ``_ReaderWatch`` runs (the background reader is running on trio)."""
 
     @property
     def closed(self) -> bool:
@@ -267,6 +276,22 @@ class Channel:
             self._continuation_scheduled = True
             asyncio.get_running_loop().call_soon(self._continue_drain)
 
+    def settle_owed_drain(self) -> None:
+        """Pay an owed drain's question without handing anything over (``_ReaderWatch``
+        calls this where no task may be woken); queued messages, or room for waiting
+        senders, get a drain through ``run_sync_soon``, which also keeps the scheduler
+        from sleeping."""
+        try:
+            with self._lock:
+                events = self._int_option(_EVENTS)
+        except zmq.ZMQError:
+            return  # closed under the channel: its reader meets the same error
+        if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
+            assert self._token is not None
+            self._token.run_sync_soon(self._continue_drain, idempotent=True)
+        else:
+            self._drain_owed = False
+
     def _continue_drain(self) -> None:
         self._continuation_scheduled = False
         try:
@@ -292,6 +317,7 @@ class Channel:
         watch = _ReaderWatch(self) if self._on_trio else None
         if watch is not None:
             trio.lowlevel.add_instrument(watch)
+            self._watched = True
         try:
             woken = False
             while not self._closed:
@@ -309,6 +335,7 @@ class Channel:
                 woken = True
         finally:
             if watch is not None:
+                self._watched = False
                 trio.lowlevel.remove_instrument(watch)
 
     async def _park_reader(self) -> None:
@@ -389,7 +416,12 @@ class Channel:
             raise ChannelClosed("channel is closed")
         with self._lock:
             sent = self._send_all(frames)
-        self.drain()
+        if self._watched:
+            # Settled before the scheduler sleeps (``_ReaderWatch``): one question for all
+            # the sends of a scheduler pass instead of one per send.
+            self._drain_owed = True
+        else:
+            self.drain()
         return sent
 
     def _send_all(self, frames: Sequence[bytes]) -> bool:

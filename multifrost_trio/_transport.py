@@ -3,7 +3,8 @@
 libzmq's ``ZMQ_FD`` only signals when the socket's command mailbox changes, and any zmq call
 (send, recv, reading ``EVENTS``) may consume that signal while messages stay queued. So:
 every zmq call made here is followed by a drain (receive until nothing is queued) before
-anyone may sleep on the fd again; a sender that meets a full queue waits for a reader to see
+anyone may sleep on the fd again (on trio a send leaves it owed, and an instrument settles
+it before the scheduler sleeps); a sender that meets a full queue waits for a reader to see
 ``POLLOUT``. A drain runs for a bounded time and schedules its own continuation, so a peer
 that sends without pause cannot hold the event loop. Flags are plain ints and frames go
 through the socket's base ``send``/``recv``: pyzmq's enum arithmetic and keyword handling
@@ -226,9 +227,9 @@ class Channel:
         its continuation scheduled, so other tasks run in between. ``expect_message``: the
         fd just fired, so try to receive before asking ``EVENTS`` (a failed receive costs
         more than the question, a successful one less). ``until``: stop as soon as this
-        waiter is woken; the drain is then owed, and paid before anyone sleeps on the fd
-        (the next send pays it anyway, and a reply is not kept waiting behind the question
-        whether more is queued, nor behind a flood of other messages).
+        waiter is woken; the drain is then owed, and paid by the next reader or before the
+        scheduler sleeps (a reply is not kept waiting behind the question whether more is
+        queued, nor behind a flood of other messages).
         """
         if self._draining or self._closed:
             return

@@ -33,7 +33,7 @@ from . import _messages as m
 from . import _registry
 from ._errors import MultifrostError
 from ._security import CurveServer
-from ._transport import Channel, TrioWaiter, new_socket
+from ._transport import ROOM_RETRY_FIRST, ROOM_RETRY_LAST, Channel, TrioWaiter, new_socket
 
 log = logging.getLogger("multifrost_trio.child")
 
@@ -254,8 +254,8 @@ class _OutputForwarder(io.TextIOBase):
 
 
 class _QueuedReply:
-    """A reply that waits in the output pump's queue, behind printed text that went out
-    before it or for room at its parent; ``sent`` is set once it left."""
+    """A reply that waits in the output pump's queue, behind printed text for the same
+    parent or for room at its parent; ``sent`` is set once it left."""
 
     __slots__ = ("identity", "payload", "sent")
 
@@ -266,9 +266,10 @@ class _QueuedReply:
 
 
 class _OutputPump:
-    """Sends printed text (collected from any thread) from the trio thread, and with it,
-    in the order they were made, the replies that could not go at once: a call's printed
-    lines always reach its parent before its result."""
+    """Sends printed text (collected from any thread) from the trio thread, and with it
+    the replies that could not go at once: a call's printed lines always reach its parent
+    before its result. Order is kept per parent; a parent that does not read holds back
+    only what is for it."""
 
     def __init__(self, worker: ChildWorker, originals: dict[Stream, Any]) -> None:
         self._worker = worker
@@ -276,8 +277,9 @@ class _OutputPump:
         self._lock = threading.Lock()
         self._pending: list[_Chunk | _QueuedReply] = []
         self._pending_bytes = 0
-        self._sending = 0
-        self._run_busy = False
+        self._queued_for: collections.Counter[bytes | None] = collections.Counter()
+        """Pending items per parent (None: printed outside any call)."""
+        self._passing = False
         self._wakeup = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
 
@@ -285,6 +287,7 @@ class _OutputPump:
         with self._lock:
             self._pending.append((stream, caller, text))
             self._pending_bytes += len(text)
+            self._queued_for[caller] += 1
             if self._pending_bytes > _OUTPUT_BUFFER_LIMIT:
                 self._drop_oldest_text()
         with contextlib.suppress(trio.RunFinishedError):
@@ -302,13 +305,19 @@ class _OutputPump:
                 continue
             del pending[index]
             self._pending_bytes -= len(item[2])
+            self._queued_for[item[1]] -= 1
             self._worker.counters.output_dropped_bytes += len(item[2])
 
-    def queue_reply(self, identity: bytes, payload: bytes) -> _QueuedReply:
-        """Queue a reply behind what waits to go (called on the trio thread)."""
+    def queue_reply(self, identity: bytes, payload: bytes, *, urgent: bool) -> _QueuedReply:
+        """Queue a reply (trio thread only): behind what waits for its parent, or, when
+        ``urgent`` (nothing was printed for it: heartbeat echoes, errors), before."""
         reply = _QueuedReply(identity, payload)
         with self._lock:
-            self._pending.append(reply)
+            if urgent:
+                self._pending.insert(0, reply)
+            else:
+                self._pending.append(reply)
+            self._queued_for[identity] += 1
         self._wakeup.set()
         return reply
 
@@ -318,7 +327,16 @@ class _OutputPump:
     @property
     def idle(self) -> bool:
         """Nothing is waiting or being sent (read from any thread)."""
-        return not self._pending and not self._sending
+        return not self._pending and not self._passing
+
+    def holds(self, identity: bytes) -> bool:
+        """Something for this parent waits to go (a reply to it must go behind)."""
+        queued = self._queued_for
+        return (
+            self._passing
+            or queued[identity] > 0
+            or (queued[None] > 0 and not self._worker.connect_mode)
+        )
 
     def _take(self) -> list[_Chunk | _QueuedReply]:
         """Everything pending; consecutive text of one stream and caller merged into
@@ -326,6 +344,7 @@ class _OutputPump:
         with self._lock:
             batch, self._pending = self._pending, []
             self._pending_bytes = 0
+            self._queued_for.clear()
         merged: list[_Chunk | _QueuedReply] = []
         key: tuple[Stream, bytes | None] | None = None
         texts: list[str] = []
@@ -358,63 +377,69 @@ class _OutputPump:
         return list(self._worker._parents)
 
     def flush_now(self) -> None:
-        """Send what is pending without waiting (before a reply, so a call's printed lines
-        reach the parent before its result); what does not fit waits for ``run``. While
-        ``run`` is sending a batch (waiting for room), everything newer waits behind it."""
-        if not self._pending or self._run_busy:
-            return
-        self._sending += 1
-        try:
-            self._send_batch_now()
-        finally:
-            self._sending -= 1
+        """Send what is pending and has room, without waiting (before a reply, so a call's
+        printed lines reach the parent before its result); the rest waits for ``run``."""
+        if self._pending and not self._passing:
+            self._send_pass()
 
-    def _send_batch_now(self) -> None:
+    def _send_pass(self) -> tuple[bool, bool]:
+        """One pass over everything pending: what a parent has room for goes, in order per
+        parent; the rest goes back to the front. Returns (anything sent, anything left)."""
         worker = self._worker
-        batch = self._take()
-        for index, item in enumerate(batch):
-            if isinstance(item, _QueuedReply):
-                if not worker._try_send_to(item.identity, item.payload, reply=True):
-                    self._requeue(batch[index:])
-                    return
-                item.sent.set()
-                continue
-            stream, caller, text = item
-            payload = m.encode(m.make_output(stream, text))
-            targets = self._targets(stream, caller, text)
-            for served, identity in enumerate(targets):
-                if not worker._try_send_to(identity, payload, reply=False):
-                    # Only the parents not served yet get this text again.
-                    rest = [(stream, target, text) for target in targets[served:]]
-                    self._requeue([*rest, *batch[index + 1 :]])
-                    return
-
-    def _requeue(self, items: list[_Chunk | _QueuedReply]) -> None:
-        with self._lock:
-            self._pending[:0] = items
-            self._pending_bytes += sum(len(i[2]) for i in items if isinstance(i, tuple))
-        self._wakeup.set()
+        sent = False
+        left: list[_Chunk | _QueuedReply] = []
+        blocked: set[bytes] = set()
+        self._passing = True
+        try:
+            for item in self._take():
+                if isinstance(item, _QueuedReply):
+                    if item.identity not in blocked and worker._try_send_to(
+                        item.identity, item.payload, reply=True
+                    ):
+                        item.sent.set()
+                        sent = True
+                    else:
+                        blocked.add(item.identity)
+                        left.append(item)
+                    continue
+                stream, caller, text = item
+                payload = b""
+                for target in self._targets(stream, caller, text):
+                    if target not in blocked:
+                        payload = payload or m.encode(m.make_output(stream, text))
+                        if worker._try_send_to(target, payload, reply=False):
+                            sent = True
+                            continue
+                        blocked.add(target)
+                    left.append((stream, target, text))
+        finally:
+            self._passing = False
+        if left:
+            with self._lock:
+                self._pending[:0] = left
+                for entry in left:
+                    if isinstance(entry, _QueuedReply):
+                        self._queued_for[entry.identity] += 1
+                    else:
+                        self._pending_bytes += len(entry[2])
+                        self._queued_for[entry[1]] += 1
+        return sent, bool(left)
 
     async def run(self) -> None:
-        worker = self._worker
+        channel = self._worker._channel
+        assert channel is not None
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            self._sending += 1
-            self._run_busy = True
-            try:
-                for item in self._take():
-                    if isinstance(item, _QueuedReply):
-                        await worker._send_to(item.identity, item.payload, reply=True)
-                        item.sent.set()
-                        continue
-                    stream, caller, text = item
-                    payload = m.encode(m.make_output(stream, text))
-                    for identity in self._targets(stream, caller, text):
-                        await worker._send_to(identity, payload, reply=False)
-            finally:
-                self._sending -= 1
-                self._run_busy = False
+            pause = ROOM_RETRY_FIRST
+            while True:
+                sent, left = self._send_pass()
+                if not left:
+                    break
+                if sent:
+                    pause = ROOM_RETRY_FIRST
+                await channel.wait_room(pause)
+                pause = min(pause * 2, ROOM_RETRY_LAST)
 
 
 class ChildWorker:
@@ -616,13 +641,13 @@ class ChildWorker:
                     nursery.start_soon(self._watch_parent)
                 task_status.started(self.endpoint or "")
         finally:
+            self._nursery = None  # the last flush may read a call: it must start no task
             for forwarder in (sys.stdout, sys.stderr):
                 if isinstance(forwarder, _OutputForwarder):
                     forwarder.flush()
             if self._output is not None:
                 self._output.flush_now()
             sys.stdout, sys.stderr = original_streams
-            self._nursery = None
             self._output = None
             trio.lowlevel.remove_instrument(watch)
             channel.close()
@@ -674,7 +699,8 @@ class ChildWorker:
             log.debug("dropped a message: %s", exc)
             if exc.call_id is not None and exc.namespace == self.namespace:
                 self._note_parent(identity)
-                self._reply_now(identity, m.make_error(exc.call_id, f"ValueError: {exc}\n"))
+                error = m.make_error(exc.call_id, f"ValueError: {exc}\n")
+                self._reply_now(identity, error, urgent=True)
             return
         except Exception:  # a decoder bug must not take the worker down
             self.counters.messages_dropped += 1
@@ -693,7 +719,8 @@ class ChildWorker:
         elif kind == "heartbeat":
             meta = message.metadata or {}
             if not meta.get("hb_response"):
-                self._reply_now(identity, m.make_heartbeat_echo(message))  # type: ignore[arg-type]
+                echo = m.make_heartbeat_echo(message)  # type: ignore[arg-type]
+                self._reply_now(identity, echo, urgent=True)
         elif kind == "cancel":
             scope = self._running.get(message.id)
             if scope is not None:
@@ -724,7 +751,7 @@ class ChildWorker:
         kind = self._functions.get(name) if name is not None else None
         if kind is None:
             self.counters.calls_failed += 1
-            self._reply_now(identity, m.make_error(call.id, _lookup_error(name)))
+            self._reply_now(identity, m.make_error(call.id, _lookup_error(name)), urgent=True)
         elif kind == "inline":
             token = _caller.set(identity)
             try:
@@ -880,22 +907,25 @@ class ChildWorker:
 
     # ------------------------------------------------------------------ sending
 
-    def _reply_now(self, identity: bytes, message: m.WireMap) -> None:
-        """Send from a sync context (queued if it cannot go at once)."""
-        self._send_reply(identity, m.encode(message))
+    def _reply_now(self, identity: bytes, message: m.WireMap, *, urgent: bool = False) -> None:
+        """Send from a sync context (queued if it cannot go at once). ``urgent``: nothing
+        was printed for it, so it may pass printed text waiting for the same parent."""
+        self._send_reply(identity, m.encode(message), urgent=urgent)
 
-    def _send_reply(self, identity: bytes, payload: bytes) -> _QueuedReply | None:
-        """Send a reply now unless printed text waits to go before it or the parent has no
-        room; then it is queued in order and the returned entry says when it left."""
+    def _send_reply(
+        self, identity: bytes, payload: bytes, *, urgent: bool = False
+    ) -> _QueuedReply | None:
+        """Send a reply now unless printed text for its parent waits to go first or the
+        parent has no room; then it is queued and the returned entry says when it left."""
         payload = _within_limit(payload)
         output = self._output
-        if output is not None and not output.idle:
+        if output is not None and not urgent and not output.idle:
             output.flush_now()
-            if not output.idle:
-                return output.queue_reply(identity, payload)
+            if output.holds(identity):
+                return output.queue_reply(identity, payload, urgent=False)
         if self._try_send_to(identity, payload, reply=True) or output is None:
             return None
-        return output.queue_reply(identity, payload)
+        return output.queue_reply(identity, payload, urgent=urgent)
 
     def _try_send_to(self, identity: bytes, payload: bytes, *, reply: bool) -> bool:
         """Send without waiting; False if that parent had no room. A parent that is gone
@@ -908,16 +938,6 @@ class ChildWorker:
         except zmq.ZMQError:
             self._forget_parent(identity, reply=reply)
             return True
-
-    async def _send_to(self, identity: bytes, payload: bytes, *, reply: bool) -> None:
-        """Send, waiting (cancellably) for room at that parent."""
-        channel = self._channel
-        if channel is None or channel.closed:
-            return
-        try:
-            await channel.send([identity, b"", payload])
-        except zmq.ZMQError:
-            self._forget_parent(identity, reply=reply)
 
     def _forget_parent(self, identity: bytes, *, reply: bool) -> None:
         if reply:

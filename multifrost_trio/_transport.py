@@ -42,6 +42,12 @@ DRAIN_SLICE: Final = 0.002
 """Seconds one drain may run before it lets other tasks run: a hundred replies here, or
 fewer messages when each carries printed lines for a slow output sink."""
 
+ROOM_RETRY_FIRST: Final = 0.001
+ROOM_RETRY_LAST: Final = 0.02
+"""Pauses (growing from first to last) between retries of a send to a ROUTER peer that has
+no room while another peer has: libzmq then reports room, and says nothing when the full
+peer reads (a ROUTER's ``POLLOUT`` means room at some peer)."""
+
 CLOSE_LINGER_MS: Final = 200
 """How long libzmq keeps trying to deliver queued frames (e.g. a final ``shutdown``) after
 close; it never blocks the caller, the io thread does it."""
@@ -369,10 +375,10 @@ class Channel:
         if self._leader is not None or not self._on_trio or self._closed or waiter.done:
             await waiter.wait()
             return
-        self._leader = waiter
         fd = self._fd
         slept = False
         try:
+            self._leader = waiter  # inside the try: a Ctrl-C just after must not leave it set
             # Every zmq call here is followed by a drain, or leaves one owed.
             if self._drain_owed:
                 self.drain()
@@ -461,18 +467,23 @@ class Channel:
 
     async def send(self, frames: Sequence[bytes]) -> None:
         """Send, waiting (cancellably) while the peer's queue is full."""
+        pause = ROOM_RETRY_FIRST
         while not self.try_send(frames):
-            await self._wait_writable()
+            await self.wait_room(pause)
+            pause = min(pause * 2, ROOM_RETRY_LAST)
 
-    async def _wait_writable(self) -> None:
+    async def wait_room(self, pause: float) -> None:
+        """Wait after a send found no room: until the socket has room again, or, when it
+        has room already (room at another peer of a ROUTER), for ``pause`` seconds."""
+        with self._lock:
+            writable = self._int_option(_EVENTS) & _POLLOUT
+        if writable:
+            await anyio.sleep(pause)
+            return
         waiter = _SendWaiter()
         self._send_waiters.append(waiter)
         try:
-            with self._lock:
-                writable = self._int_option(_EVENTS) & _POLLOUT
-            if writable:
-                return
-            self.drain()
+            self.drain()  # the question above may have taken the fd's signal
             await waiter.event.wait()
             if waiter.error is not None:
                 raise waiter.error

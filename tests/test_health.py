@@ -391,92 +391,132 @@ async def test_output_flood_neither_blocks_calls_nor_loses_lines() -> None:
     assert lines[-1] == "line 99999"
 
 
-class _ParentQueue:
-    """Stands in for the child's channel: a parent queue that is full until told, and
-    that records what left, in order."""
+class _ParentQueues:
+    """Stands in for the child's channel: each parent's queue is full until given room,
+    and what left is recorded in order. Like a zmq ROUTER, it only tells waiting senders
+    that some parent has room, not which."""
 
     closed = False
 
     def __init__(self) -> None:
-        self.room = False
-        self.sent: list[tuple[bytes, Any]] = []
+        self.room: set[bytes] = set()
+        self.sent: list[tuple[bytes, str]] = []
         self._changed = trio.Event()
 
     def try_send(self, frames: list[bytes]) -> bool:
-        if self.room:
-            self.sent.append((frames[0], mf._messages.unpack(frames[2])))
-        return self.room
+        if frames[0] not in self.room:
+            return False
+        self.sent.append((frames[0], mf._messages.unpack(frames[2])["type"]))
+        return True
 
-    async def send(self, frames: list[bytes]) -> None:
-        while not self.try_send(frames):
+    async def wait_room(self, pause: float) -> None:
+        if self.room:
+            await trio.sleep(pause)
+        else:
             await self._changed.wait()
 
-    def make_room(self, *, tell_waiting_senders: bool) -> None:
-        self.room = True
+    def make_room(self, parent: bytes, *, tell_waiting_senders: bool = True) -> None:
+        self.room.add(parent)
         if tell_waiting_senders:
             self._changed.set()
+            self._changed = trio.Event()
+
+    def received(self, parent: bytes) -> list[str]:
+        return [kind for who, kind in self.sent if who == parent]
 
 
-def _child_with_parent_queue(parents: list[bytes]) -> tuple[mf.ChildWorker, _ParentQueue]:
+def _child_with_parent_queues(
+    parents: list[bytes],
+) -> tuple[mf.ChildWorker, mf._child._OutputPump, _ParentQueues]:
     worker = mf.ChildWorker()
-    queue = _ParentQueue()
-    worker._channel = queue  # type: ignore[assignment]
+    queues = _ParentQueues()
+    worker._channel = queues  # type: ignore[assignment]
     worker._parents.update(dict.fromkeys(parents))
-    worker._output = mf._child._OutputPump(worker, {"stdout": sys.stdout, "stderr": sys.stderr})
-    return worker, queue
+    pump = mf._child._OutputPump(worker, {"stdout": sys.stdout, "stderr": sys.stderr})
+    worker._output = pump
+    return worker, pump, queues
+
+
+def _response() -> bytes:
+    return mf._messages.encode(mf._messages.make_response("call-1", 3))
 
 
 def test_a_reply_never_overtakes_printed_text_waiting_for_room() -> None:
     """The parent's queue was full while a call printed; room appears just as its reply
-    is ready (before the sender waiting for room has noticed): the text still goes
-    first."""
+    is ready (before the pump waiting for room has noticed): the text still goes first."""
 
     async def main() -> None:
-        worker, queue = _child_with_parent_queue([b"parent"])
-        pump = worker._output
-        assert pump is not None
+        worker, pump, queues = _child_with_parent_queues([b"parent"])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run)
             pump.push("stdout", b"parent", "printed by the call\n")
             await trio.testing.wait_all_tasks_blocked()  # the pump now waits for room
-            queue.make_room(tell_waiting_senders=False)
-            response = mf._messages.encode(mf._messages.make_response("call-1", 3))
-            queued = worker._send_reply(b"parent", response)
-            assert queued is not None
-            queue.make_room(tell_waiting_senders=True)
+            queues.make_room(b"parent", tell_waiting_senders=False)
+            assert worker._send_reply(b"parent", _response()) is None  # left at once
+            nursery.cancel_scope.cancel()
+        assert queues.received(b"parent") == ["stdout", "response"]
+
+    run_with_mock_clock(main)
+
+
+def test_a_parent_that_does_not_read_holds_back_only_what_is_for_it() -> None:
+    async def main() -> None:
+        worker, pump, queues = _child_with_parent_queues([b"stuck", b"reading"])
+        queues.make_room(b"reading")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run)
+            pump.push("stdout", b"stuck", "for the parent that does not read\n")
+            await trio.testing.wait_all_tasks_blocked()
+            assert worker._send_reply(b"reading", _response()) is None
+            assert queues.received(b"reading") == ["response"]
+            queued = worker._send_reply(b"stuck", _response())
+            assert queued is not None  # behind its parent's text
+            queues.make_room(b"stuck")
             with trio.fail_after(5):
                 await queued.sent.wait()
             nursery.cancel_scope.cancel()
-        assert [message["type"] for _, message in queue.sent] == ["stdout", "response"]
+        assert queues.received(b"stuck") == ["stdout", "response"]
+
+    run_with_mock_clock(main)
+
+
+def test_a_heartbeat_echo_passes_printed_text_waiting_for_its_parent() -> None:
+    """Printed text may wait a long time for a slow parent; the echo must not, or the
+    parent would take a live worker for a hung one."""
+
+    async def main() -> None:
+        worker, pump, queues = _child_with_parent_queues([b"parent"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run)
+            for i in range(100):
+                pump.push("stdout", b"parent", f"line {i}\n")
+            await trio.testing.wait_all_tasks_blocked()
+            heartbeat = mf._messages.encode(mf._messages.make_heartbeat())
+            worker._on_frames([b"parent", b"", heartbeat])
+            queues.make_room(b"parent")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert queues.received(b"parent")[:2] == ["heartbeat", "stdout"]
+        assert pump.idle
 
     run_with_mock_clock(main)
 
 
 def test_text_for_several_parents_reaches_each_once_when_one_had_no_room() -> None:
     async def main() -> None:
-        worker, queue = _child_with_parent_queue([b"served", b"full"])
-        pump = worker._output
-        assert pump is not None
-        full_until_told = queue.try_send
-
-        def only_one_has_room(frames: list[bytes]) -> bool:
-            if frames[0] == b"full" and not queue.room:
-                return False
-            queue.sent.append((frames[0], mf._messages.unpack(frames[2])))
-            return True
-
-        queue.try_send = only_one_has_room  # type: ignore[method-assign]
+        _, pump, queues = _child_with_parent_queues([b"served", b"full"])
+        queues.make_room(b"served")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run)
             pump.push("stdout", None, "printed outside any call\n")
             pump.flush_now()
-            assert [who for who, _ in queue.sent] == [b"served"]
-            queue.try_send = full_until_told  # type: ignore[method-assign]
-            queue.make_room(tell_waiting_senders=True)
+            assert queues.received(b"served") == ["stdout"]
+            queues.make_room(b"full")
             await trio.testing.wait_all_tasks_blocked()
             assert pump.idle
             nursery.cancel_scope.cancel()
-        assert sorted(who for who, _ in queue.sent) == [b"full", b"served"]
+        assert queues.received(b"served") == ["stdout"]
+        assert queues.received(b"full") == ["stdout"]
 
     run_with_mock_clock(main)
 

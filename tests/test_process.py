@@ -250,7 +250,9 @@ async def test_a_drain_stops_at_its_waiters_message_however_many_follow() -> Non
             peer.send(body)
         channel.drain(until=waiter)
         assert handled == [b"reply"]
-        channel.drain()  # what was owed: everything, in order
+        assert channel._drain_owed
+        while channel._drain_owed:  # what was owed (a drain runs for a bounded time)
+            channel.drain()
         assert handled == [b"reply"] + [b"other %d" % i for i in range(200)]
     finally:
         channel.close()
@@ -294,3 +296,57 @@ async def test_a_flood_of_messages_does_not_hold_the_event_loop() -> None:
     finally:
         channel.close()
         peer.close(linger=0)
+
+
+async def test_a_send_to_a_full_peer_waits_while_another_peer_has_room() -> None:
+    """A ROUTER reports room when any peer has some: a send to the full peer must wait
+    (letting other tasks run), not retry without pause, and go once that peer reads."""
+    router = new_socket(zmq.ROUTER)
+    router.setsockopt(zmq.SNDHWM, 1)
+    router.bind("inproc://room-per-peer")
+    peers = {}
+    for name in (b"full", b"reading"):
+        peer = new_socket(zmq.DEALER)
+        peer.setsockopt(zmq.ROUTING_ID, name)
+        peer.setsockopt(zmq.RCVHWM, 1)
+        peer.connect("inproc://room-per-peer")
+        peers[name] = peer
+    channel = Channel(router, lambda frames: None)
+    attempts = 0
+    try_send = channel.try_send
+
+    def counted_try_send(frames: list[bytes]) -> bool:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 10_000:
+            raise AssertionError("send retried without pause")
+        return try_send(frames)
+
+    channel.try_send = counted_try_send  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(10):
+            router.getsockopt(zmq.EVENTS)  # let the router learn its peers
+            while channel.try_send([b"full", b"", b"fill"]):
+                pass
+            assert channel.try_send([b"reading", b"", b"room here"])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(channel.run)
+                sent = anyio.Event()
+
+                async def send_to_full_peer() -> None:
+                    await channel.send([b"full", b"", b"waits"])
+                    sent.set()
+
+                tg.start_soon(send_to_full_peer)
+                await anyio.sleep(0.05)  # the sender waits; the loop still runs this task
+                assert not sent.is_set()
+                assert attempts < 1_000
+                while peers[b"full"].poll(0):  # the full peer reads everything
+                    peers[b"full"].recv_multipart()
+                    await anyio.sleep(0)
+                await sent.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        channel.close()
+        for peer in peers.values():
+            peer.close(linger=0)

@@ -371,8 +371,9 @@ class _OutputPump:
         if caller is not None:
             return [caller]
         if self._worker.connect_mode:
-            self._originals[stream].write(text)
-            self._originals[stream].flush()
+            with contextlib.suppress(OSError, ValueError):  # a closed stdout loses the text
+                self._originals[stream].write(text)
+                self._originals[stream].flush()
             return []
         return list(self._worker._parents)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import select
@@ -517,6 +518,28 @@ def test_text_for_several_parents_reaches_each_once_when_one_had_no_room() -> No
             nursery.cancel_scope.cancel()
         assert queues.received(b"served") == ["stdout"]
         assert queues.received(b"full") == ["stdout"]
+
+    run_with_mock_clock(main)
+
+
+def test_text_printed_outside_calls_to_a_broken_stdout_is_lost_not_fatal() -> None:
+    """Connect mode keeps such text local; a closed pipe there must not stop the worker
+    (the text may be sent from inside a drain, where an error would end the event loop)."""
+
+    class BrokenPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+    async def main() -> None:
+        worker, pump, queues = _child_with_parent_queues([b"parent"])
+        worker.connect_mode = True
+        pump._originals["stdout"] = BrokenPipe()
+        queues.make_room(b"parent")
+        pump.push("stdout", None, "nobody's text\n")
+        pump.push("stdout", b"parent", "the caller's text\n")
+        pump.flush_now()
+        assert queues.received(b"parent") == ["stdout"]
+        assert pump.idle
 
     run_with_mock_clock(main)
 

@@ -476,8 +476,10 @@ class Channel:
         """Wait after a send found no room: until the socket has room again, or, when it
         has room already (room at another peer of a ROUTER), for ``pause`` seconds."""
         with self._lock:
-            writable = self._int_option(_EVENTS) & _POLLOUT
-        if writable:
+            events = self._int_option(_EVENTS)
+        if events & _POLLOUT:
+            if events & _POLLIN:
+                self.drain()  # the question may have taken the fd's signal
             await anyio.sleep(pause)
             return
         waiter = _SendWaiter()

@@ -937,13 +937,10 @@ class ChildWorker:
         try:
             return channel.try_send([identity, b"", payload])
         except zmq.ZMQError:
-            self._forget_parent(identity, reply=reply)
+            if reply:
+                self.counters.replies_undeliverable += 1
+            self._parents.pop(identity, None)
             return True
-
-    def _forget_parent(self, identity: bytes, *, reply: bool) -> None:
-        if reply:
-            self.counters.replies_undeliverable += 1
-        self._parents.pop(identity, None)
 
 
 _RESERVED_NAMES: Final = frozenset(

@@ -194,10 +194,7 @@ class WorkerCore:
         channel = self.channel
         for waiter in pending:
             waiter.error = make_error()
-            if channel is not None:
-                channel.wake(waiter)
-            else:
-                waiter.wake()
+            self._wake(waiter)
         if channel is not None:
             channel.abort_senders(make_error())
         while self._room_waiters:

@@ -294,8 +294,7 @@ class Channel:
         except zmq.ZMQError:
             return  # closed under the channel: its reader meets the same error
         if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
-            assert self._token is not None
-            self._token.run_sync_soon(self._continue_drain, idempotent=True)
+            self._schedule_continuation()
         else:
             self._drain_owed = False
 

@@ -338,7 +338,7 @@ async def test_a_send_to_a_full_peer_waits_while_another_peer_has_room() -> None
                     sent.set()
 
                 tg.start_soon(send_to_full_peer)
-                await anyio.sleep(0.05)  # the sender waits; the loop still runs this task
+                await anyio.wait_all_tasks_blocked()  # the sender waits, yielding the loop
                 assert not sent.is_set()
                 assert attempts < 1_000
                 while peers[b"full"].poll(0):  # the full peer reads everything

@@ -4,7 +4,9 @@ The floor is a blocking pyzmq DEALER (this process) and ROUTER (a child process)
 the same msgpack maps the protocol uses. Every library measurement is paired with a floor
 measurement taken right before or after it (the order alternates between rounds), so the
 machine's slow drifts hit both; the table shows medians, and ratios as the median over
-rounds of each pair's ratio (library / floor for latency and for throughput).
+rounds of each pair's ratio (library / floor for latency and for throughput). Two more
+references show what trio itself costs: the floor's client as one trio task on the zmq fd,
+and that client talking to a server written the same way (raw pyzmq, no library, on both sides).
 
     python benchmarks/bench_rpc.py [--rounds 5] [--calls 3000] [--json]
 """
@@ -12,6 +14,7 @@ rounds of each pair's ratio (library / floor for latency and for throughput).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -56,6 +59,36 @@ def _floor_server(port: int) -> None:
         sock.send_multipart([identity, empty, msgpack.packb(reply, use_bin_type=True)])
 
 
+def _trio_floor_server(port: int) -> None:
+    """The same echo from one trio task sleeping on the zmq fd."""
+
+    async def serve() -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        fd = sock.getsockopt(zmq.FD)
+        events, pollin, noblock = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+        while True:
+            while not sock.getsockopt(events) & pollin:
+                await trio.lowlevel.wait_readable(fd)
+            identity, empty = sock.recv(noblock), sock.recv(noblock)
+            request = msgpack.unpackb(sock.recv(noblock), raw=False)
+            if request["type"] == "shutdown":
+                return
+            a, b = request["args"]
+            reply = {
+                "app": "comlink_ipc_v4",
+                "id": request["id"],
+                "type": "response",
+                "timestamp": time.time(),
+                "result": a + b,
+            }
+            sock.send(identity, zmq.SNDMORE)
+            sock.send(empty, zmq.SNDMORE)
+            sock.send(msgpack.packb(reply, use_bin_type=True))
+
+    trio.run(serve)
+
+
 def _floor_request(i: int) -> bytes:
     return msgpack.packb(
         {
@@ -72,14 +105,15 @@ def _floor_request(i: int) -> bytes:
 
 
 class Floor:
-    """Blocking DEALER in this process talking to a ROUTER echo child."""
+    """Blocking DEALER in this process talking to a ROUTER echo child (blocking pyzmq, or
+    with ``server="--trio-floor-server"`` one trio task)."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: str = "--floor-server") -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("tcp://127.0.0.1:0")
         port = int(self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-        self.proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)])
+        self.proc = subprocess.Popen([sys.executable, __file__, server, str(port)])
 
     def _exchange(self) -> None:
         _, payload = self.sock.recv_multipart()
@@ -184,12 +218,24 @@ def codec_us(repeat: int = 20000) -> float:
 
 
 KINDS = {"async": "add_async", "inline": "add_inline", "thread": "add_sync"}
+TPUT_BLOCK_FACTOR = 10
+"""A throughput block makes this many times the calls of a sequential block (100 in flight
+ramp up and down at a block's ends: a longer block keeps that a small share)."""
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, 10th and 90th percentile."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), deciles[0], deciles[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--blocks", type=int, default=30, help="paired blocks per figure")
+    parser.add_argument("--calls", type=int, default=300, help="sequential calls per block")
+    parser.add_argument("--spawns", type=int, default=5, help="spawn-to-ready samples")
     parser.add_argument(
         "--heartbeat",
         type=float,
@@ -198,89 +244,140 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--trio-floor-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_server:
         _floor_server(args.floor_server)
         return
+    if args.trio_floor_server:
+        _trio_floor_server(args.trio_floor_server)
+        return
 
-    results: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        results.setdefault(key, []).append(value)
-
-    options = mf.SpawnOptions(heartbeat_interval=0)
-    with_heartbeats = mf.SpawnOptions(heartbeat_interval=args.heartbeat)
+    values: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    calls, tput_calls = args.calls, args.calls * TPUT_BLOCK_FACTOR
     floor = Floor()
-    calls = args.calls
+    trio_floor = Floor("--trio-floor-server")
 
-    async def library_round(floor_first: bool) -> None:
-        async def paired(
-            key: str, floor_side: Callable[[], float], library: Awaitable[float]
-        ) -> None:
-            """One library measurement and its floor, in this round's order."""
-            floor_value = floor_side() if floor_first else 0.0
-            value = await library
-            if not floor_first:
-                floor_value = floor_side()
-            add(key, value)
-            add("floor_tput" if key.endswith("_tput") else "floor_seq", floor_value)
-            add(f"{key}_ratio", value / floor_value)
+    async def blocking(function: Callable[[int], float], count: int) -> float:
+        return function(count)
 
-        def floor_seq() -> float:
-            return floor.sequential(calls)
+    async def paired(
+        key: str,
+        reference: Callable[[], Awaitable[float]],
+        measured: Callable[[], Awaitable[float]],
+        first: bool,
+    ) -> None:
+        """One block of ``measured`` next to one of ``reference`` (``first``: reference first)."""
+        if first:
+            base = await reference()
+            value = await measured()
+        else:
+            value = await measured()
+            base = await reference()
+        values.setdefault(key, []).append(value)
+        values.setdefault(f"{key}_reference", []).append(base)
+        ratios.setdefault(key, []).append(value / base)
 
-        def floor_tput() -> float:
-            return floor.pipelined(calls * 3)
+    async def run_blocks() -> None:
+        def floor_seq() -> Awaitable[float]:
+            return blocking(floor.sequential, calls)
 
-        await paired("trio_floor_seq", floor_seq, floor.trio_sequential(calls))
-        async with mf.open_worker(WORKER, options=options) as worker:
-            await lib_sequential(worker, "add_async", 200)  # warm-up
-            for kind, function in KINDS.items():
-                await paired(f"{kind}_seq", floor_seq, lib_sequential(worker, function, calls))
-                await paired(f"{kind}_tput", floor_tput, lib_pipelined(worker, function, calls * 3))
-        async with mf.open_worker(WORKER, options=with_heartbeats) as worker:
+        def floor_tput() -> Awaitable[float]:
+            return blocking(floor.pipelined, tput_calls)
+
+        async with mf.open_worker(WORKER, options=mf.SpawnOptions(heartbeat_interval=0)) as worker:
+            floor.sequential(200)
+            await trio_floor.trio_sequential(200)
             await lib_sequential(worker, "add_async", 200)
-            add("hb_seq", await lib_sequential(worker, "add_async", calls))
+            for block in range(args.blocks):
+                first = block % 2 == 0
+                await paired(
+                    "trio_floor_seq", floor_seq, lambda: floor.trio_sequential(calls), first
+                )
+                await paired(
+                    "trio_both_seq", floor_seq, lambda: trio_floor.trio_sequential(calls), first
+                )
+                for kind, function in KINDS.items():
+                    await paired(
+                        f"{kind}_seq",
+                        floor_seq,
+                        functools.partial(lib_sequential, worker, function, calls),
+                        first,
+                    )
+                    await paired(
+                        f"{kind}_tput",
+                        floor_tput,
+                        functools.partial(lib_pipelined, worker, function, tput_calls),
+                        first,
+                    )
+            heartbeats = mf.SpawnOptions(heartbeat_interval=args.heartbeat)
+            async with mf.open_worker(WORKER, options=heartbeats) as beating:
+                await lib_sequential(beating, "add_async", 200)
+                for block in range(args.blocks):
+                    await paired(
+                        "heartbeat_seq",
+                        functools.partial(lib_sequential, worker, "add_async", calls),
+                        functools.partial(lib_sequential, beating, "add_async", calls),
+                        block % 2 == 0,
+                    )
 
     try:
-        for round_index in range(args.rounds):
-            trio.run(library_round, round_index % 2 == 0)
-            add("spawn_ready", spawn_to_ready())
-            add("import", import_time())
-        add("codec_us", codec_us())
+        trio.run(run_blocks)
     finally:
         floor.close()
+        trio_floor.close()
+    spawn = statistics.median(spawn_to_ready() for _ in range(args.spawns))
+    imports = statistics.median(import_time() for _ in range(args.spawns))
+    codec = codec_us()
 
-    med = {key: statistics.median(values) for key, values in results.items()}
-    rows = []
-    for kind in KINDS:
-        seq, tput = med[f"{kind}_seq"], med[f"{kind}_tput"]
-        rows.append((kind, seq * 1e6, med[f"{kind}_seq_ratio"], tput, med[f"{kind}_tput_ratio"]))
-    spawn_ratio = med["spawn_ready"] / med["import"]
     if args.json:
-        print(json.dumps({"medians": med, "rounds": args.rounds, "calls": args.calls}, indent=2))
+        summary = {
+            "blocks": args.blocks,
+            "calls": calls,
+            "ratios": {key: _spread(found) for key, found in ratios.items()},
+            "medians": {key: statistics.median(found) for key, found in values.items()},
+            "spawn_ready": spawn,
+            "import": imports,
+            "codec_us": codec,
+        }
+        print(json.dumps(summary, indent=2))
         return
-    print(f"rounds={args.rounds} calls={args.calls} in_flight={IN_FLIGHT} cpus={os.cpu_count()}")
+
+    def ratio(key: str) -> str:
+        middle, low, high = _spread(ratios[key])
+        return f"{middle:.2f} [{low:.2f}-{high:.2f}]"
+
+    def median_of(key: str) -> float:
+        return statistics.median(values[key])
+
     print(
-        f"floor (raw pyzmq): sequential {med['floor_seq'] * 1e6:.1f} us, "
-        f"pipelined {med['floor_tput']:.0f} calls/s"
+        f"blocks={args.blocks} calls/block={calls} (throughput {tput_calls}) "
+        f"in_flight={IN_FLIGHT} cpus={os.cpu_count()}"
+    )
+    print("ratios: median of paired blocks [10th-90th percentile]")
+    print(
+        f"floor (raw blocking pyzmq): sequential {median_of('async_seq_reference') * 1e6:.1f} us, "
+        f"pipelined {median_of('async_tput_reference'):.0f} calls/s"
     )
     print(
-        f"trio floor (one trio task, raw pyzmq): sequential "
-        f"{med['trio_floor_seq'] * 1e6:.1f} us = {med['trio_floor_seq_ratio']:.2f}x"
+        f"trio floor (raw pyzmq in one trio task), sequential: parent side only "
+        f"{ratio('trio_floor_seq')}x, both sides {ratio('trio_both_seq')}x"
     )
     header = ("handler", "seq us", "seq x floor", "calls/s@100", "tput x floor")
-    print("{:<8} {:>8} {:>12} {:>12} {:>13}".format(*header))
-    for kind, seq_us, seq_ratio, tput, tput_ratio in rows:
-        print(f"{kind:<8} {seq_us:8.1f} {seq_ratio:12.2f} {tput:12.0f} {tput_ratio:13.2f}")
+    print("{:<8} {:>8} {:>20} {:>12} {:>20}".format(*header))
+    for kind in KINDS:
+        print(
+            f"{kind:<8} {median_of(f'{kind}_seq') * 1e6:8.1f} {ratio(f'{kind}_seq'):>20} "
+            f"{median_of(f'{kind}_tput'):12.0f} {ratio(f'{kind}_tput'):>20}"
+        )
     print(
-        f"spawn-to-ready {med['spawn_ready'] * 1e3:.0f} ms vs import {med['import'] * 1e3:.0f} ms"
-        f" -> {spawn_ratio:.2f}x"
+        f"spawn-to-ready {spawn * 1e3:.0f} ms vs import {imports * 1e3:.0f} ms"
+        f" -> {spawn / imports:.2f}x"
     )
-    print(f"codec: encode+decode of one call message {med['codec_us']:.1f} us")
+    print(f"codec: encode+decode of one call message {codec:.1f} us")
     print(
-        f"heartbeats every {args.heartbeat} s: async sequential {med['hb_seq'] * 1e6:.1f} us vs "
-        f"{med['async_seq'] * 1e6:.1f} us off -> {med['hb_seq'] / med['async_seq']:.3f}x"
+        f"heartbeats every {args.heartbeat} s vs off, async sequential: {ratio('heartbeat_seq')}x"
     )
 
 

@@ -515,6 +515,9 @@ class ChildWorker:
         """Idle or new pooled tasks asked to take calls that have not started yet."""
         self._backlog: collections.deque[tuple[bytes, m.CallRequest]] = collections.deque()
         self._active = 0
+        self._held_replies: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        """Inline replies waiting for the end of the drain that read their calls."""
+        self._replied_in_drain = False
         self._nursery: trio.Nursery | None = None
         self._threads = _ThreadRunner(self.sync_threads, self._send_from_thread, self._sync_done)
         self._exit_scope: trio.CancelScope | None = None
@@ -620,7 +623,7 @@ class ChildWorker:
     async def _serve_socket(
         self, sock: zmq.Socket[bytes], task_status: trio.TaskStatus[str], *, spawned: bool
     ) -> None:
-        channel = Channel(sock, self._on_frames)
+        channel = Channel(sock, self._on_frames, self._send_held_replies)
         self._channel = channel
         original_streams = sys.stdout, sys.stderr
         watch = _ReadyWatch(self)
@@ -738,6 +741,19 @@ class ChildWorker:
                 self.counters.messages_dropped += 1
                 log.info("ignored a shutdown request: this worker is shared")
 
+    def _send_held_replies(self) -> None:
+        """End of a drain: send the inline replies held back during it, in order.
+
+        The first inline reply of a drain goes at once (a lone call waits for nothing); the
+        others wait for the drain's end and leave in one burst, which wakes zmq's I/O thread
+        and the parent less often than one send between each two receives.
+        """
+        self._replied_in_drain = False
+        held = self._held_replies
+        while held:
+            identity, payload = held.popleft()
+            self._send_reply(identity, payload)
+
     def _note_parent(self, identity: bytes) -> None:
         """Spawn mode: remember the parent, so output printed outside any call reaches it."""
         if not self.connect_mode:
@@ -756,9 +772,14 @@ class ChildWorker:
         elif kind == "inline":
             token = _caller.set(identity)
             try:
-                self._reply_now(identity, self._run_inline(call, name))  # type: ignore[arg-type]
+                reply = self._run_inline(call, name)  # type: ignore[arg-type]
             finally:
                 _caller.reset(token)
+            if self._replied_in_drain:
+                self._held_replies.append((identity, m.encode(reply)))
+            else:
+                self._replied_in_drain = True
+                self._reply_now(identity, reply)
         elif self._active >= self.max_concurrency:
             self._backlog.append((identity, call))
         else:

@@ -178,7 +178,9 @@ class Channel:
     """One zmq socket, its readers and its senders.
 
     ``on_frames`` is called synchronously for every received multipart message, from
-    whichever task drained the socket; it must not block or raise.
+    whichever task drained the socket; it must not block or raise. ``on_drained``, if
+    given, is called the same way at the end of every drain, after its last ``on_frames``
+    (a receiver may hold back work for it, to do it once per burst of messages).
 
     On trio a task waiting for its own message (``wait_for``) reads the socket itself and is
     woken by the fd directly: a sequential round trip then costs one task switch instead of
@@ -190,9 +192,15 @@ class Channel:
     on a duplicate of the fd number, because trio allows one sleeper per number.
     """
 
-    def __init__(self, sock: zmq.Socket[bytes], on_frames: FrameHandler) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        on_frames: FrameHandler,
+        on_drained: Callable[[], None] | None = None,
+    ) -> None:
         self.sock = sock
         self._on_frames = on_frames
+        self._on_drained = on_drained
         self._fd = int(sock.getsockopt(zmq.FD))
         self._reader_fd = os.dup(self._fd)
         # The socket's own getsockopt, typed for the int options read on the hot path.
@@ -272,6 +280,8 @@ class Channel:
             self._drain_owed = False
         finally:
             self._draining = False
+            if self._on_drained is not None:
+                self._on_drained()
         if self._send_waiters and events & _POLLOUT:
             self._wake_senders(None)
 

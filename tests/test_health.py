@@ -402,12 +402,15 @@ class _ParentQueues:
     def __init__(self) -> None:
         self.room: set[bytes] = set()
         self.sent: list[tuple[bytes, str]] = []
+        self.messages: list[dict[str, Any]] = []
         self._changed = trio.Event()
 
     def try_send(self, frames: list[bytes]) -> bool:
         if frames[0] not in self.room:
             return False
-        self.sent.append((frames[0], mf._messages.unpack(frames[2])["type"]))
+        message = mf._messages.unpack(frames[2])
+        self.sent.append((frames[0], message["type"]))
+        self.messages.append(message)
         return True
 
     async def wait_room(self, pause: float) -> None:
@@ -427,9 +430,9 @@ class _ParentQueues:
 
 
 def _child_with_parent_queues(
-    parents: list[bytes],
+    parents: list[bytes], worker: mf.ChildWorker | None = None
 ) -> tuple[mf.ChildWorker, mf._child._OutputPump, _ParentQueues]:
-    worker = mf.ChildWorker()
+    worker = worker if worker is not None else mf.ChildWorker()
     queues = _ParentQueues()
     worker._channel = queues  # type: ignore[assignment]
     worker._parents.update(dict.fromkeys(parents))
@@ -440,6 +443,32 @@ def _child_with_parent_queues(
 
 def _response() -> bytes:
     return mf._messages.encode(mf._messages.make_response("call-1", 3))
+
+
+class _InlineAdder(mf.ChildWorker):
+    @mf.inline
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+def test_inline_replies_of_one_drain_go_the_first_at_once_the_others_at_its_end() -> None:
+    """A lone inline call waits for nothing; calls read together reply in one burst."""
+
+    async def main() -> None:
+        worker, _, queues = _child_with_parent_queues([b"parent"], _InlineAdder())
+        queues.make_room(b"parent")
+        calls = [mf._messages.make_call("add", (i, 1)) for i in range(3)]
+        for call in calls:
+            worker._on_frames([b"parent", b"", mf._messages.encode(call)])
+        assert [reply["id"] for reply in queues.messages] == [calls[0]["id"]]
+        worker._send_held_replies()  # the channel's end-of-drain hook
+        assert [(reply["id"], reply["result"]) for reply in queues.messages] == [
+            (call["id"], index + 1) for index, call in enumerate(calls)
+        ]
+        worker._on_frames([b"parent", b"", mf._messages.encode(calls[0])])
+        assert len(queues.messages) == 4  # the next drain's first reply goes at once again
+
+    run_with_mock_clock(main)
 
 
 def test_a_reply_never_overtakes_printed_text_waiting_for_room() -> None:

@@ -259,6 +259,36 @@ async def test_a_drain_stops_at_its_waiters_message_however_many_follow() -> Non
         peer.close(linger=0)
 
 
+async def test_on_drained_follows_the_last_message_of_every_drain() -> None:
+    """Once per drain, after its messages: when the queue runs dry, and when the drain stops
+    early at its waiter's message."""
+    events: list[bytes] = []
+    waiter = mf._transport.waiter_type()()
+
+    def on_frames(frames: list[bytes]) -> None:
+        events.append(frames[0])
+        if frames[0] == b"reply":
+            waiter.wake()
+
+    peer, ours = _inproc_pair("on-drained")
+    channel = Channel(ours, on_frames, lambda: events.append(b"drained"))
+    try:
+        for body in (b"a", b"b", b"c"):
+            peer.send(body)
+        channel.drain()
+        assert events == [b"a", b"b", b"c", b"drained"]
+        events.clear()
+        for body in (b"reply", b"later"):
+            peer.send(body)
+        channel.drain(until=waiter)
+        assert events == [b"reply", b"drained"]
+        channel.drain()
+        assert events == [b"reply", b"drained", b"later", b"drained"]
+    finally:
+        channel.close()
+        peer.close(linger=0)
+
+
 async def test_a_flood_of_messages_does_not_hold_the_event_loop() -> None:
     """Each drain runs for a bounded time and schedules its continuation; other tasks run
     in between, and every message still arrives once, in order."""

@@ -27,6 +27,10 @@ class EchoWorker(ChildWorker):
         return value
 
     @inline
+    def echo_inline(self, value: Any) -> Any:
+        return value
+
+    @inline
     def add(self, a: int, b: int) -> int:
         return a + b
 

@@ -939,7 +939,8 @@ class ChildWorker:
     ) -> _QueuedReply | None:
         """Send a reply now unless printed text for its parent waits to go first or the
         parent has no room; then it is queued and the returned entry says when it left."""
-        payload = _within_limit(payload)
+        if len(payload) > m.MAX_MESSAGE_BYTES:
+            payload = _oversized_reply(payload)
         output = self._output
         if output is not None and not urgent and not output.idle:
             output.flush_now()
@@ -982,11 +983,8 @@ _BASE_NAMES: Final = frozenset(name for name in vars(ChildWorker) if not name.st
 }
 
 
-def _within_limit(payload: bytes) -> bytes:
+def _oversized_reply(payload: bytes) -> bytes:
     """A reply the parent would drop for its size becomes an error reply it can read."""
-    if len(payload) <= m.MAX_MESSAGE_BYTES:
-        return payload
-
     try:
         call_id = msgpack.unpackb(payload, raw=False).get("id", "")
     except Exception:

@@ -65,9 +65,9 @@ class CircuitBreaker:
     def try_acquire(self) -> bool | None:
         """May a call go now? True: as the half-open probe; False: as a normal call;
         None: refused (the circuit is open, or the probe is already out)."""
-        state = self.state
-        if state is CircuitState.CLOSED:
+        if self._state is CircuitState.CLOSED:
             return False
+        state = self.state
         if state is CircuitState.HALF_OPEN and not self._probe_out:
             self._probe_out = True
             return True

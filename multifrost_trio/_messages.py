@@ -158,7 +158,15 @@ def to_wire_value(value: Any, _depth: int = 0) -> Any:
     if kind is list or kind is tuple:
         if _depth >= MAX_DEPTH:
             raise EncodeError(f"value nested deeper than {MAX_DEPTH} levels")
-        return [to_wire_value(item, _depth + 1) for item in value]
+        out_list = []
+        for item in value:
+            # Strings and int64 ints, the usual arguments, are taken without a call.
+            item_kind = type(item)
+            if item_kind is str or (item_kind is int and _INT64_MIN <= item <= _INT64_MAX):
+                out_list.append(item)
+            else:
+                out_list.append(to_wire_value(item, _depth + 1))
+        return out_list
     if kind is dict:
         if _depth >= MAX_DEPTH:
             raise EncodeError(f"value nested deeper than {MAX_DEPTH} levels")

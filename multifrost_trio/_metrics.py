@@ -114,8 +114,10 @@ class Metrics:
         self._all.latencies.append(ms)
         counts.latencies.append(ms)
         self._latency_sum += ms
-        self._latency_min = min(self._latency_min, ms)
-        self._latency_max = max(self._latency_max, ms)
+        if ms < self._latency_min:
+            self._latency_min = ms
+        if ms > self._latency_max:
+            self._latency_max = ms
 
     def snapshot(self, *, circuit_state: str = "closed", circuit_trips: int = 0) -> MetricsSnapshot:
         """Freeze the current figures."""

@@ -293,18 +293,23 @@ class Channel:
             self._continuation_scheduled = True
             asyncio.get_running_loop().call_soon(self._continue_drain)
 
-    def settle_owed_drain(self) -> None:
-        """Pay an owed drain's question without handing anything over (``_ReaderWatch``
-        calls this where no task may be woken); queued messages, or room for waiting
-        senders, get a drain through ``run_sync_soon``, which also keeps the scheduler
-        from sleeping."""
+    def settle_owed_drain(self, *, drain_now: bool = False) -> None:
+        """Pay an owed drain's question; only if it finds messages (or room for waiting
+        senders) does a drain follow: at once with ``drain_now``, else through
+        ``run_sync_soon``, which also keeps the scheduler from sleeping (``_ReaderWatch``
+        calls this where no task may be woken)."""
         try:
             with self._lock:
                 events = self._int_option(_EVENTS)
         except zmq.ZMQError:
+            if drain_now:
+                raise
             return  # closed under the channel: its reader meets the same error
         if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
-            self._schedule_continuation()
+            if drain_now:
+                self.drain()
+            else:
+                self._schedule_continuation()
         else:
             self._drain_owed = False
 
@@ -390,7 +395,7 @@ class Channel:
             self._leader = waiter  # inside the try: a Ctrl-C just after must not leave it set
             # Every zmq call here is followed by a drain, or leaves one owed.
             if self._drain_owed:
-                self.drain()
+                self.settle_owed_drain(drain_now=True)
             while not waiter.done and not self._closed:
                 slept = True
                 self._leader_sleeping = True

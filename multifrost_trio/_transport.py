@@ -247,13 +247,13 @@ class Channel:
         """
         if self._draining or self._closed:
             return
-        self._draining = True
         lock = self._lock
         getsockopt = self._int_option
         on_frames = self._on_frames
         clock = time.monotonic
         deadline = clock() + DRAIN_SLICE
         events = 0
+        self._draining = True  # right before the try: a Ctrl-C just after must not leave it set
         try:
             if expect_message:
                 with lock:

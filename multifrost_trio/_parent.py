@@ -452,7 +452,7 @@ class Worker:
     Views made by :meth:`with_options` share the worker and differ only in call options.
     """
 
-    __slots__ = ("_call", "_client_name", "_core", "_namespace", "_timeout")
+    __slots__ = ("_client_name", "_core", "_namespace", "_timeout")
 
     def __init__(
         self,
@@ -466,7 +466,6 @@ class Worker:
         self._timeout = timeout
         self._namespace = namespace if namespace is not None else core.options.namespace
         self._client_name = client_name
-        self._call = _CallProxy(self)
 
     @classmethod
     def _for(cls, core: WorkerCore) -> Worker:
@@ -481,7 +480,7 @@ class Worker:
     @property
     def call(self) -> _CallProxy:
         """Call a function: ``await w.call("add", 1, 2)`` or ``await w.call.add(1, 2)``."""
-        return self._call
+        return _CallProxy(self)
 
     def with_options(
         self,

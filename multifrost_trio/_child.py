@@ -59,7 +59,8 @@ def inline(func: F) -> F:
     """Mark a sync worker method to run on the event loop instead of a worker thread.
 
     For tiny functions only (microseconds): the thread hand-off would cost more than the
-    work. While an inline method runs, nothing else in the worker runs, heartbeats included.
+    work. While an inline method runs, nothing else in the worker runs, heartbeats included;
+    replies of inline calls read in the same burst just before it leave together after it.
     """
     setattr(func, _INLINE_ATTR, True)
     return func

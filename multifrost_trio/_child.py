@@ -60,7 +60,8 @@ def inline(func: F) -> F:
 
     For tiny functions only (microseconds): the thread hand-off would cost more than the
     work. While an inline method runs, nothing else in the worker runs, heartbeats included;
-    replies of inline calls read in the same burst just before it leave together after it.
+    replies of inline calls read in the same burst just before it (from any parent) leave
+    together after it.
     """
     setattr(func, _INLINE_ATTR, True)
     return func
@@ -747,7 +748,10 @@ class ChildWorker:
 
         The first inline reply of a drain goes at once (a lone call waits for nothing); the
         others wait for the drain's end and leave in one burst, which wakes zmq's I/O thread
-        and the parent less often than one send between each two receives.
+        and the parent less often than one send between each two receives. The drain is the
+        worker's, not a parent's: with several parents, one's burst may hold back another's
+        reply for up to a drain's time slice plus the handlers run in it. A reply is also
+        held while earlier ones still are (a send here may drain the socket again).
         """
         self._replied_in_drain = False
         held = self._held_replies
@@ -776,7 +780,7 @@ class ChildWorker:
                 reply = self._run_inline(call, name)  # type: ignore[arg-type]
             finally:
                 _caller.reset(token)
-            if self._replied_in_drain:
+            if self._replied_in_drain or self._held_replies:
                 self._held_replies.append((identity, m.encode(reply)))
             else:
                 self._replied_in_drain = True

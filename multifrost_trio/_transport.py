@@ -307,7 +307,7 @@ class Channel:
             return  # closed under the channel: its reader meets the same error
         if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
             if drain_now:
-                self.drain()
+                self.drain(expect_message=bool(events & _POLLIN))
             else:
                 self._schedule_continuation()
         else:

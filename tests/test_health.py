@@ -471,6 +471,32 @@ def test_inline_replies_of_one_drain_go_the_first_at_once_the_others_at_its_end(
     run_with_mock_clock(main)
 
 
+def test_a_drain_inside_the_send_of_held_replies_keeps_their_order() -> None:
+    """Off trio a send drains the socket again; a call read there replies after the ones
+    still held, not before them."""
+
+    async def main() -> None:
+        worker, _, queues = _child_with_parent_queues([b"parent"], _InlineAdder())
+        queues.make_room(b"parent")
+        calls = [mf._messages.make_call("add", (i, 1)) for i in range(4)]
+        plain_send = queues.try_send
+
+        def send_then_drain(frames: list[bytes]) -> bool:
+            sent = plain_send(frames)
+            if len(queues.messages) == 2:  # the first held reply just left: read one more
+                worker._on_frames([b"parent", b"", mf._messages.encode(calls[3])])
+                worker._send_held_replies()
+            return sent
+
+        queues.try_send = send_then_drain  # type: ignore[method-assign]
+        for call in calls[:3]:
+            worker._on_frames([b"parent", b"", mf._messages.encode(call)])
+        worker._send_held_replies()
+        assert [reply["id"] for reply in queues.messages] == [call["id"] for call in calls]
+
+    run_with_mock_clock(main)
+
+
 def test_a_reply_never_overtakes_printed_text_waiting_for_room() -> None:
     """The parent's queue was full while a call printed; room appears just as its reply
     is ready (before the pump waiting for room has noticed): the text still goes first."""

@@ -98,10 +98,6 @@ class _SyncJob:
         """The worker thread sent the reply itself (see ``_ThreadRunner``)."""
 
 
-GROW_AFTER: Final = 0.01
-"""Seconds without a finished sync job, while jobs wait, before another thread is added."""
-
-
 class _ThreadRunner:
     """Persistent worker threads for sync handlers.
 
@@ -109,13 +105,8 @@ class _ThreadRunner:
     no earlier job awaits the loop, sends it itself (``send``: no trip through the event
     loop before the reply leaves); finished jobs go back to the loop for bookkeeping (and
     the sends left to it) in batches, through a single ``run_sync_soon`` per batch. No task
-    and no thread is created per call.
-
-    The first job starts the first thread; another thread is added (up to ``max_threads``)
-    only when jobs wait and no thread finished one for ``GROW_AFTER`` (``grow_while_stuck``
-    watches). Short handlers then share one thread, which a lone caller keeps meeting warm
-    and which contends less for the GIL (threads compete for it, they add nothing to CPU
-    work); handlers that block get more threads within a millisecond each.
+    and no thread is created per call; a thread is added only when a job arrives and none
+    is idle (up to ``max_threads``).
     """
 
     def __init__(
@@ -132,56 +123,19 @@ class _ThreadRunner:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
-        self._finished = 0
-        """Jobs finished so far (a progress mark for ``grow_while_stuck``)."""
-        self._watching = False
         self._delivery_scheduled = False
         self._token: trio.lowlevel.TrioToken | None = None
 
-    def submit(self, job: _SyncJob, nursery: trio.Nursery | None) -> None:
-        """Queue ``job``; if it may wait for busy threads, watch them from ``nursery``."""
+    def submit(self, job: _SyncJob) -> None:
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
         with self._lock:
-            spawn = self._threads == 0
+            spawn = self._idle == 0 and self._threads < self._max_threads
             if spawn:
                 self._threads += 1
-            self._jobs.put(job)
-            # Idle threads may not have taken earlier jobs yet: count jobs, not threads.
-            watch = (
-                nursery is not None
-                and not self._watching
-                and self._threads < self._max_threads
-                and self._jobs.qsize() > self._idle + spawn
-            )
-            if watch:
-                self._watching = True
         if spawn:
-            self._start_thread()
-        if watch:
-            assert nursery is not None
-            nursery.start_soon(self.grow_while_stuck)
-
-    def _start_thread(self) -> None:
-        threading.Thread(target=self._work, name="multifrost-sync", daemon=True).start()
-
-    async def grow_while_stuck(self) -> None:
-        """While jobs wait: add a thread whenever none finished a job for ``GROW_AFTER``."""
-        try:
-            while True:
-                finished = self._finished
-                await trio.sleep(GROW_AFTER)
-                with self._lock:
-                    waiting = self._jobs.qsize()
-                    if not waiting or self._threads >= self._max_threads:
-                        return
-                    spawn = self._finished == finished and waiting > self._idle
-                    if spawn:
-                        self._threads += 1
-                if spawn:
-                    self._start_thread()
-        finally:
-            self._watching = False
+            threading.Thread(target=self._work, name="multifrost-sync", daemon=True).start()
+        self._jobs.put(job)
 
     def _work(self) -> None:
         jobs, done, lock = self._jobs, self._done, self._lock
@@ -208,7 +162,6 @@ class _ThreadRunner:
                 # batch, cheaper than threads contending for the socket and the GIL.
                 job.sent = not done and self._send(job)
             done.append(job)
-            self._finished += 1
             if not self._delivery_scheduled:
                 self._delivery_scheduled = True
                 assert self._token is not None
@@ -515,7 +468,7 @@ class ChildWorker:
     max_concurrency: int = 1000
     """Calls handled at once; further calls wait in arrival order (heartbeats never wait)."""
     sync_threads: int = 8
-    """Most worker threads used for sync handlers at once (added as handlers block)."""
+    """Most worker threads used for sync handlers at once."""
 
     _functions_cache: ClassVar[dict[str, Kind] | None] = None
 
@@ -843,7 +796,7 @@ class ChildWorker:
         if kind == "thread":
             job = _SyncJob(identity, call, getattr(self, call.function or ""))
             self._sync_jobs[call.id] = job
-            self._threads.submit(job, self._nursery)
+            self._threads.submit(job)
         else:
             self._ready.append((identity, call))
             if not self._runners and not self._summoned:

@@ -105,8 +105,11 @@ class _ThreadRunner:
     no earlier job awaits the loop, sends it itself (``send``: no trip through the event
     loop before the reply leaves); finished jobs go back to the loop for bookkeeping (and
     the sends left to it) in batches, through a single ``run_sync_soon`` per batch. No task
-    and no thread is created per call; a thread is added only when a job arrives and none
-    is idle (up to ``max_threads``).
+    and no thread is created per call; a thread is added only when a job arrives and no
+    idle thread is left for it (up to ``max_threads``).
+
+    Idle threads are counted as the loop hands out jobs, not as threads take them: jobs
+    arriving together must not count one idle thread, still waking, once for each.
     """
 
     def __init__(
@@ -123,16 +126,24 @@ class _ThreadRunner:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        """Threads waiting for a job that no queued job is meant for yet."""
+        self._unassigned = 0
+        """Queued jobs meant for whichever busy thread gets free first."""
         self._delivery_scheduled = False
         self._token: trio.lowlevel.TrioToken | None = None
 
     def submit(self, job: _SyncJob) -> None:
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
+        spawn = False
         with self._lock:
-            spawn = self._idle == 0 and self._threads < self._max_threads
-            if spawn:
+            if self._idle:
+                self._idle -= 1
+            elif self._threads < self._max_threads:
                 self._threads += 1
+                spawn = True
+            else:
+                self._unassigned += 1
         if spawn:
             threading.Thread(target=self._work, name="multifrost-sync", daemon=True).start()
         self._jobs.put(job)
@@ -140,11 +151,7 @@ class _ThreadRunner:
     def _work(self) -> None:
         jobs, done, lock = self._jobs, self._done, self._lock
         while True:
-            with lock:
-                self._idle += 1
-            job = jobs.get()
-            with lock:
-                self._idle -= 1
+            job = jobs.get()  # a thread starts for a job, and registers for the next below
             if not job.abandoned:
                 call = job.call
                 _thread_caller.identity = job.identity
@@ -161,6 +168,11 @@ class _ThreadRunner:
                 # Under load the loop is coming anyway for earlier jobs: it sends them in a
                 # batch, cheaper than threads contending for the socket and the GIL.
                 job.sent = not done and self._send(job)
+            with lock:
+                if self._unassigned:
+                    self._unassigned -= 1
+                else:
+                    self._idle += 1
             done.append(job)
             if not self._delivery_scheduled:
                 self._delivery_scheduled = True

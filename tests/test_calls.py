@@ -146,6 +146,26 @@ async def test_async_handlers_that_block_run_at_the_same_time(size: int) -> None
                 assert results == [size] * size
 
 
+async def test_sync_handlers_that_block_get_threads_of_their_own() -> None:
+    """Sync handlers that block run at once, each on a thread (up to ``sync_threads``, 8
+    here): ``meet_sync`` returns only when all ``size`` calls run at the same time."""
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            for index in range(50):  # short calls first
+                assert await worker.call.add_sync(index, 1) == index + 1
+            for round_, size in enumerate([2, 8]):
+                results: list[int] = []
+
+                async def meet(group: str, out: list[int], size: int = size) -> None:
+                    out.append(await worker.call.meet_sync(group, size))
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(size):
+                        tg.start_soon(meet, f"round {round_}", results)
+                assert results == [size] * size
+            assert await worker.call.add_sync(1, 1) == 2
+
+
 async def test_cancelled_call_cancels_the_handler_and_the_worker_goes_on() -> None:
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:

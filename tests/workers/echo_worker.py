@@ -19,6 +19,8 @@ class EchoWorker(ChildWorker):
         self.cancelled = trio.Event()
         self.finally_ran = 0
         self.meetings: dict[str, list[Any]] = {}
+        self.barriers: dict[str, threading.Barrier] = {}
+        self.barriers_lock = threading.Lock()
 
     async def echo(self, value: Any) -> Any:
         return value
@@ -63,6 +65,14 @@ class EchoWorker(ChildWorker):
         if arrived[0] == size:
             arrived[1].set()
         await arrived[1].wait()
+        return size
+
+    def meet_sync(self, group: str, size: int) -> int:
+        """A sync ``meet``: each call blocks its thread until ``size`` calls of ``group`` run
+        at once (so it needs ``size`` threads); gives up after 10 s."""
+        with self.barriers_lock:
+            barrier = self.barriers.setdefault(group, threading.Barrier(size, timeout=10))
+        barrier.wait()
         return size
 
     def finally_count(self) -> int:

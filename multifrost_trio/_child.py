@@ -101,12 +101,13 @@ class _SyncJob:
 class _ThreadRunner:
     """Persistent worker threads for sync handlers.
 
-    A job goes through one queue; the thread runs the handler, encodes the reply and, when
-    no earlier job awaits the loop, sends it itself (``send``: no trip through the event
-    loop before the reply leaves); finished jobs go back to the loop for bookkeeping (and
-    the sends left to it) in batches, through a single ``run_sync_soon`` per batch. No task
-    and no thread is created per call; a thread is added only when a job arrives and no
-    idle thread is left for it (up to ``max_threads``).
+    A job goes through one queue, once the loop is about to wait (``put_submitted``); the
+    thread runs the handler, encodes the reply and, when no earlier job awaits the loop,
+    sends it itself (``send``: no trip through the event loop before the reply leaves);
+    finished jobs go back to the loop for bookkeeping (and the sends left to it) in
+    batches, through a single ``run_sync_soon`` per batch. No task and no thread is
+    created per call; a thread is added only when a job arrives and no idle thread is left
+    for it (up to ``max_threads``).
 
     Idle threads are counted as the loop hands out jobs, not as threads take them: jobs
     arriving together must not count one idle thread, still waking, once for each.
@@ -129,10 +130,14 @@ class _ThreadRunner:
         """Threads waiting for a job that no queued job is meant for yet."""
         self._unassigned = 0
         """Queued jobs meant for whichever busy thread gets free first."""
+        self._to_put: collections.deque[_SyncJob] = collections.deque()
+        """Submitted jobs not yet queued for the threads (see ``put_submitted``)."""
         self._delivery_scheduled = False
         self._token: trio.lowlevel.TrioToken | None = None
 
     def submit(self, job: _SyncJob) -> None:
+        """Count ``job`` in (starting a thread if none is left for it); it reaches the
+        threads at the next ``put_submitted``."""
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
         spawn = False
@@ -146,7 +151,19 @@ class _ThreadRunner:
                 self._unassigned += 1
         if spawn:
             threading.Thread(target=self._work, name="multifrost-sync", daemon=True).start()
-        self._jobs.put(job)
+        self._to_put.append(job)
+
+    def put_submitted(self) -> None:
+        """Hand the jobs submitted since the last call to the threads.
+
+        ``_ReadyWatch`` calls this right before the scheduler waits for I/O, which lets go
+        of the GIL: a thread woken then runs at once, instead of waking while the loop ends
+        its pass and waking again when the loop lets go. Measured with paired blocks:
+        sequential sync calls 0.93-0.97x, 100 in flight 1.21-1.24x calls/s.
+        """
+        to_put, put = self._to_put, self._jobs.put
+        while to_put:
+            put(to_put.popleft())
 
     def _work(self) -> None:
         jobs, done, lock = self._jobs, self._done, self._lock
@@ -190,9 +207,10 @@ class _ThreadRunner:
 
 
 class _ReadyWatch(trio.abc.Instrument):
-    """Before each wait of the trio scheduler for I/O: if async calls wait in the ready
-    queue with no task summoned for them (every runner is blocked in a handler), summons
-    one, through ``run_sync_soon`` (rescheduling a task here would not end the wait)."""
+    """Before each wait of the trio scheduler for I/O: hands submitted sync jobs to the
+    threads; if async calls wait in the ready queue with no task summoned for them (every
+    runner is blocked in a handler), summons one, through ``run_sync_soon`` (rescheduling
+    a task here would not end the wait)."""
 
     def __init__(self, worker: ChildWorker) -> None:
         self._worker = worker
@@ -200,6 +218,8 @@ class _ReadyWatch(trio.abc.Instrument):
 
     def before_io_wait(self, timeout: float) -> None:
         worker = self._worker
+        if worker._threads._to_put:
+            worker._threads.put_submitted()
         if worker._ready and not worker._summoned:
             self._token.run_sync_soon(worker._summon_if_stalled, idempotent=True)
 
@@ -668,6 +688,7 @@ class ChildWorker:
             sys.stdout, sys.stderr = original_streams
             self._output = None
             trio.lowlevel.remove_instrument(watch)
+            self._threads.put_submitted()  # what the last flush read
             channel.close()
 
     def _stop(self) -> None:

@@ -170,34 +170,49 @@ class _ThreadRunner:
         while True:
             job = jobs.get()  # a thread starts for a job, and registers for the next below
             if not job.abandoned:
-                call = job.call
-                _thread_caller.identity = job.identity
-                try:
-                    reply = m.make_response(call.id, job.method(*call.args))
-                except Exception as exc:
-                    job.failed = True
-                    reply = m.make_error(
-                        call.id, m.format_exception_text(exc, traceback.format_exc())
-                    )
-                finally:
-                    _thread_caller.identity = None
-                job.payload = m.encode_from_thread(reply)
+                self._run(job)
                 # Under load the loop is coming anyway for earlier jobs: it sends them in a
                 # batch, cheaper than threads contending for the socket and the GIL.
                 job.sent = not done and self._send(job)
+            done.append(job)
+            if not self._delivery_scheduled:
+                self._delivery_scheduled = True
+                try:
+                    if self._token is None:
+                        raise trio.RunFinishedError
+                    self._token.run_sync_soon(self._deliver)
+                except trio.RunFinishedError:  # the worker stopped serving: so does the thread
+                    with lock:
+                        self._delivery_scheduled = False
+                        self._threads -= 1
+                    return
             with lock:
                 if self._unassigned:
                     self._unassigned -= 1
                 else:
                     self._idle += 1
-            done.append(job)
-            if not self._delivery_scheduled:
-                self._delivery_scheduled = True
-                assert self._token is not None
-                try:
-                    self._token.run_sync_soon(self._deliver)
-                except trio.RunFinishedError:
-                    return
+
+    @staticmethod
+    def _run(job: _SyncJob) -> None:
+        """Run the handler and encode its reply; whatever it raises becomes an error reply
+        (a thread that died here would leave its call unanswered and the pool one short)."""
+        call = job.call
+        _thread_caller.identity = job.identity
+        try:
+            reply = m.make_response(call.id, job.method(*call.args))
+        except BaseException as exc:  # SystemExit too: it would end only this thread
+            job.failed = True
+            reply = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
+        finally:
+            _thread_caller.identity = None
+        job.payload = m.encode_from_thread(reply)
+
+    def stop_serving(self) -> None:
+        """The worker stopped serving: queue what was submitted, and take the next run's
+        trio token when it starts (a worker may be served again)."""
+        self.put_submitted()
+        self._token = None
+        self._delivery_scheduled = False
 
     def _deliver(self) -> None:
         self._delivery_scheduled = False
@@ -688,7 +703,7 @@ class ChildWorker:
             sys.stdout, sys.stderr = original_streams
             self._output = None
             trio.lowlevel.remove_instrument(watch)
-            self._threads.put_submitted()  # what the last flush read
+            self._threads.stop_serving()  # queues what the last flush read
             channel.close()
 
     def _stop(self) -> None:
@@ -825,6 +840,8 @@ class ChildWorker:
 
     def _dispatch(self, identity: bytes, call: m.CallRequest, kind: Kind) -> None:
         """Start a thread or async call; the caller has checked capacity."""
+        if self._channel is None or self._channel.closed:
+            return  # a call left in the backlog after the worker stopped: none can reply
         self._active += 1
         if kind == "thread":
             job = _SyncJob(identity, call, getattr(self, call.function or ""))

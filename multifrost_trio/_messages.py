@@ -423,4 +423,8 @@ def make_cancel(call_id: str) -> WireMap:
 
 def format_exception_text(exc: BaseException, traceback_text: str) -> str:
     """The wire form of a handler's exception: ``"<ExcType>: <message>\\n<traceback>"``."""
-    return f"{type(exc).__name__}: {exc}\n{traceback_text}"
+    try:
+        message = str(exc)
+    except Exception:  # a handler's exception class may be broken: the reply still goes
+        message = "<str() of the exception failed>"
+    return f"{type(exc).__name__}: {message}\n{traceback_text}"

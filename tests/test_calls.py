@@ -82,6 +82,29 @@ async def test_remote_errors_carry_type_message_and_traceback() -> None:
             assert await worker.call.add(1, 2) == 3
 
 
+@pytest.mark.parametrize(
+    ("function", "args", "remote_type"),
+    [
+        ("fail_oddly", ["exit"], "SystemExit"),
+        ("fail_oddly", ["unprintable"], "_Unprintable"),
+        ("fail_oddly_inline", [], "_Unprintable"),
+        ("fail_oddly_async", [], "_Unprintable"),
+    ],
+)
+async def test_odd_exceptions_from_handlers_become_error_replies(
+    function: str, args: list[str], remote_type: str
+) -> None:
+    """SystemExit in a sync handler, or an exception whose str() raises, is answered like
+    any error; ten in a row leave the thread pool (8 threads) whole."""
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            for _ in range(10):
+                with pytest.raises(mf.RemoteCallError) as info:
+                    await worker.call(function, *args)
+                assert info.value.remote_type == remote_type
+            assert await worker.call.add_sync(1, 2) == 3
+
+
 async def test_child_error_texts_for_bad_function_names() -> None:
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:

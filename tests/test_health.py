@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -655,3 +656,52 @@ def test_ctrl_c_in_a_parent_with_three_workers() -> None:
     finally:
         parent.kill()
         parent.wait(timeout=10)
+
+
+def test_the_sync_thread_pool_serves_again_after_a_run_ended() -> None:
+    """A worker may be served again in a new trio run: its threads deliver finished jobs
+    to that run, and a thread that finishes after a run ended leaves the pool's count."""
+    child = mf._child
+    finished: list[trio.Event] = []
+
+    def deliver(_: Any) -> None:
+        finished[-1].set()
+
+    runner = child._ThreadRunner(2, send=lambda _: False, on_done=deliver)
+
+    def job(method: Callable[[], Any]) -> Any:
+        request = mf._messages.CallRequest("call-id", "method", [], "default")
+        return child._SyncJob(b"parent", request, method)
+
+    async def one_call(method: Callable[[], Any]) -> None:
+        finished.append(trio.Event())
+        with trio.fail_after(10):
+            runner.submit(job(method))
+            runner.put_submitted()  # what the worker's instrument does before waiting
+            await finished[-1].wait()
+
+    trio.run(one_call, lambda: 1)
+    runner.stop_serving()
+    trio.run(one_call, lambda: 2)  # the thread left from the first run delivers here
+
+    started, release = threading.Event(), threading.Event()
+    straggler: list[threading.Thread] = []
+
+    def block_until_released() -> None:
+        straggler.append(threading.current_thread())
+        started.set()
+        release.wait(10)
+
+    async def submit_only() -> None:
+        runner.submit(job(block_until_released))
+        runner.put_submitted()
+
+    trio.run(submit_only)
+    runner.stop_serving()
+    assert started.wait(10)
+    threads_before = runner._threads
+    release.set()  # it finishes with no run to deliver to, and leaves
+    straggler[0].join(10)
+    assert not straggler[0].is_alive()
+    assert runner._threads == threads_before - 1
+    trio.run(one_call, lambda: 3)

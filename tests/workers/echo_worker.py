@@ -13,6 +13,11 @@ import trio
 from multifrost_trio import ChildWorker, inline
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
 class EchoWorker(ChildWorker):
     def __init__(self) -> None:
         super().__init__()
@@ -106,6 +111,20 @@ class EchoWorker(ChildWorker):
 
     def fail(self, message: str) -> None:
         raise ValueError(message)
+
+    def fail_oddly(self, kind: str) -> None:
+        """Raise what a careless handler might: SystemExit, or an exception whose str()
+        itself raises."""
+        if kind == "exit":
+            raise SystemExit(3)
+        raise _Unprintable()
+
+    @inline
+    def fail_oddly_inline(self) -> None:
+        raise _Unprintable()
+
+    async def fail_oddly_async(self) -> None:
+        raise _Unprintable()
 
     def shout(self, text: str) -> str:
         print(text)

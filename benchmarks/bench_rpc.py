@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import trio
@@ -40,6 +41,19 @@ IN_FLIGHT = 100
 # --------------------------------------------------------------------------- floor
 
 
+def _floor_reply(request: dict[str, Any]) -> bytes:
+    """The floor servers' answer to an ``add`` call."""
+    a, b = request["args"]
+    reply = {
+        "app": "comlink_ipc_v4",
+        "id": request["id"],
+        "type": "response",
+        "timestamp": time.time(),
+        "result": a + b,
+    }
+    return msgpack.packb(reply, use_bin_type=True)  # type: ignore[no-any-return]
+
+
 def _floor_server(port: int) -> None:
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.connect(f"tcp://127.0.0.1:{port}")
@@ -48,15 +62,7 @@ def _floor_server(port: int) -> None:
         request = msgpack.unpackb(payload, raw=False)
         if request["type"] == "shutdown":
             return
-        a, b = request["args"]
-        reply = {
-            "app": "comlink_ipc_v4",
-            "id": request["id"],
-            "type": "response",
-            "timestamp": time.time(),
-            "result": a + b,
-        }
-        sock.send_multipart([identity, empty, msgpack.packb(reply, use_bin_type=True)])
+        sock.send_multipart([identity, empty, _floor_reply(request)])
 
 
 def _trio_floor_server(port: int) -> None:
@@ -74,17 +80,9 @@ def _trio_floor_server(port: int) -> None:
             request = msgpack.unpackb(sock.recv(noblock), raw=False)
             if request["type"] == "shutdown":
                 return
-            a, b = request["args"]
-            reply = {
-                "app": "comlink_ipc_v4",
-                "id": request["id"],
-                "type": "response",
-                "timestamp": time.time(),
-                "result": a + b,
-            }
             sock.send(identity, zmq.SNDMORE)
             sock.send(empty, zmq.SNDMORE)
-            sock.send(msgpack.packb(reply, use_bin_type=True))
+            sock.send(_floor_reply(request))
 
     trio.run(serve)
 

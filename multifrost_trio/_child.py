@@ -69,7 +69,12 @@ def inline(func: F) -> F:
 
 @dataclass
 class ChildCounters:
-    """What a worker counts about itself (readable from handlers as ``self.counters``)."""
+    """What a worker counts about itself (readable from handlers as ``self.counters``).
+
+    A sync handler's call is counted when the loop books it: at once when calls wait for a
+    slot, else as the next message arrives, before it is handled (so a sequential round
+    trip costs the loop no wake-up beside its reply).
+    """
 
     calls_started: int = 0
     calls_succeeded: int = 0
@@ -103,11 +108,14 @@ class _ThreadRunner:
 
     A job goes through one queue, once the loop is about to wait (``put_submitted``); the
     thread runs the handler, encodes the reply and, when no earlier job awaits the loop,
-    sends it itself (``send``: no trip through the event loop before the reply leaves);
-    finished jobs go back to the loop for bookkeeping (and the sends left to it) in
-    batches, through a single ``run_sync_soon`` per batch. No task and no thread is
-    created per call; a thread is added only when a job arrives and no idle thread is left
-    for it (up to ``max_threads``).
+    sends it itself (``send``: no trip through the event loop before the reply leaves).
+    Finished jobs go back to the loop for bookkeeping (and the sends left to it) in
+    batches. The loop is woken for them, through one ``run_sync_soon`` per batch, only when
+    it must act: a send was left to it, or calls wait for a slot (``waiting_calls()``). Else
+    they wait for the loop's next message (``book_finished``), and a sequential call's
+    round trip costs no wake of the loop beside its reply. No task and no thread is created
+    per call; a thread is added only when a job arrives and no idle thread is left for it
+    (up to ``max_threads``).
 
     Idle threads are counted as the loop hands out jobs, not as threads take them: jobs
     arriving together must not count one idle thread, still waking, once for each.
@@ -118,10 +126,12 @@ class _ThreadRunner:
         max_threads: int,
         send: Callable[[_SyncJob], bool],
         on_done: Callable[[_SyncJob], None],
+        waiting_calls: Callable[[], int],
     ) -> None:
         self._max_threads = max_threads
         self._send = send
         self._on_done = on_done
+        self._waiting_calls = waiting_calls
         self._jobs: queue.SimpleQueue[_SyncJob] = queue.SimpleQueue()
         self._done: collections.deque[_SyncJob] = collections.deque()
         self._lock = threading.Lock()
@@ -171,16 +181,19 @@ class _ThreadRunner:
             job = jobs.get()  # a thread starts for a job, and registers for the next below
             if not job.abandoned:
                 self._run(job)
-                # Under load the loop is coming anyway for earlier jobs: it sends them in a
-                # batch, cheaper than threads contending for the socket and the GIL.
+                # When earlier jobs wait for the loop, it is woken below and sends this one
+                # with them in a batch, cheaper than threads contending for the socket and
+                # the GIL.
                 job.sent = not done and self._send(job)
-            done.append(job)
-            if not self._delivery_scheduled:
+                if job.sent:
+                    job.payload = b""  # the job may wait long for its booking
+            done.append(job)  # before asking for waiting calls: see ``_end_of_drain``
+            if (not job.sent or self._waiting_calls()) and not self._delivery_scheduled:
                 self._delivery_scheduled = True
                 try:
                     if self._token is None:
                         raise trio.RunFinishedError
-                    self._token.run_sync_soon(self._deliver)
+                    self._token.run_sync_soon(self.book_finished)
                 except trio.RunFinishedError:  # the worker stopped serving: so does the thread
                     with lock:
                         self._delivery_scheduled = False
@@ -208,13 +221,20 @@ class _ThreadRunner:
         job.payload = m.encode_from_thread(reply)
 
     def stop_serving(self) -> None:
-        """The worker stopped serving: queue what was submitted, and take the next run's
-        trio token when it starts (a worker may be served again)."""
+        """The worker stopped serving: book what finished, queue what was submitted, and
+        take the next run's trio token when it starts (a worker may be served again)."""
+        self.book_finished()
         self.put_submitted()
         self._token = None
         self._delivery_scheduled = False
 
-    def _deliver(self) -> None:
+    @property
+    def finished(self) -> bool:
+        """Finished jobs wait for their booking."""
+        return bool(self._done)
+
+    def book_finished(self) -> None:
+        """Hand the finished jobs to ``on_done`` (on the loop's thread)."""
         self._delivery_scheduled = False
         done, on_done = self._done, self._on_done
         while done:
@@ -568,7 +588,9 @@ class ChildWorker:
         """Inline replies waiting for the end of the drain that read their calls."""
         self._replied_in_drain = False
         self._nursery: trio.Nursery | None = None
-        self._threads = _ThreadRunner(self.sync_threads, self._send_from_thread, self._sync_done)
+        self._threads = _ThreadRunner(
+            self.sync_threads, self._send_from_thread, self._sync_done, self._backlog.__len__
+        )
         self._exit_scope: trio.CancelScope | None = None
         self._output: _OutputPump | None = None
 
@@ -672,7 +694,7 @@ class ChildWorker:
     async def _serve_socket(
         self, sock: zmq.Socket[bytes], task_status: trio.TaskStatus[str], *, spawned: bool
     ) -> None:
-        channel = Channel(sock, self._on_frames, self._send_held_replies)
+        channel = Channel(sock, self._on_frames, self._end_of_drain)
         self._channel = channel
         original_streams = sys.stdout, sys.stderr
         watch = _ReadyWatch(self)
@@ -740,6 +762,8 @@ class ChildWorker:
     # ------------------------------------------------------------------ receiving
 
     def _on_frames(self, frames: list[bytes]) -> None:
+        if self._threads.finished:  # a message may cancel, count or wait for their slots
+            self._threads.book_finished()
         if len(frames) < 3:
             self.counters.messages_dropped += 1
             return
@@ -791,8 +815,9 @@ class ChildWorker:
                 self.counters.messages_dropped += 1
                 log.info("ignored a shutdown request: this worker is shared")
 
-    def _send_held_replies(self) -> None:
-        """End of a drain: send the inline replies held back during it, in order.
+    def _end_of_drain(self) -> None:
+        """End of a drain: send the inline replies held back during it, in order; if calls
+        wait for a slot, book the sync jobs that finished meanwhile.
 
         The first inline reply of a drain goes at once (a lone call waits for nothing); the
         others wait for the drain's end and leave in one burst, which wakes zmq's I/O thread
@@ -800,12 +825,17 @@ class ChildWorker:
         worker's, not a parent's: with several parents, one's burst may hold back another's
         reply for up to a drain's time slice plus the handlers run in it. A reply is also
         held while earlier ones still are (a send here may drain the socket again).
+
+        A thread that finished a job just before a call joined the backlog did not see the
+        backlog (it checks after queueing its job), so the job is booked here instead.
         """
         self._replied_in_drain = False
         held = self._held_replies
         while held:
             identity, payload = held.popleft()
             self._send_reply(identity, payload)
+        if self._backlog and self._threads.finished:
+            self._threads.book_finished()
 
     def _note_parent(self, identity: bytes) -> None:
         """Spawn mode: remember the parent, so output printed outside any call reaches it."""

@@ -447,3 +447,26 @@ def test_a_method_named_like_a_worker_attribute_is_refused(name: str) -> None:
     worker_class = type("Clashing", (mf.ChildWorker,), {name: lambda self: None})
     with pytest.raises(TypeError, match=name):
         worker_class()
+
+
+async def test_calls_waiting_for_a_slot_start_when_a_thread_frees_it_and_nothing_arrives() -> None:
+    """A thread that sent its reply itself wakes the worker's loop when calls wait for its
+    slot (here no heartbeat or other message would), and the next message books every
+    finished job."""
+    narrow = worker_path("narrow_worker.py")
+    options = mf.SpawnOptions(heartbeat_interval=0, output=lambda stream, line: None)
+
+    async def add(worker: mf.Worker, a: int, results: dict[int, int]) -> None:
+        results[a] = await worker.call.add_sync(a, 1000)
+
+    with anyio.fail_after(60):
+        async with mf.open_worker(narrow, options=options) as worker:
+            for burst in range(30):
+                results: dict[int, int] = {}
+                async with anyio.create_task_group() as tg:
+                    for a in range(burst, burst + 12):  # room for 4: 8 wait in the backlog
+                        tg.start_soon(add, worker, a, results)
+                assert results == {a: a + 1000 for a in range(burst, burst + 12)}
+            # A thread queues its job for booking just after its reply left: poll.
+            while any((await worker.call.bookkeeping()).values()):
+                await anyio.sleep(0.01)

@@ -462,7 +462,7 @@ def test_inline_replies_of_one_drain_go_the_first_at_once_the_others_at_its_end(
         for call in calls:
             worker._on_frames([b"parent", b"", mf._messages.encode(call)])
         assert [reply["id"] for reply in queues.messages] == [calls[0]["id"]]
-        worker._send_held_replies()  # the channel's end-of-drain hook
+        worker._end_of_drain()  # the channel's end-of-drain hook
         assert [(reply["id"], reply["result"]) for reply in queues.messages] == [
             (call["id"], index + 1) for index, call in enumerate(calls)
         ]
@@ -486,13 +486,13 @@ def test_a_drain_inside_the_send_of_held_replies_keeps_their_order() -> None:
             sent = plain_send(frames)
             if len(queues.messages) == 2:  # the first held reply just left: read one more
                 worker._on_frames([b"parent", b"", mf._messages.encode(calls[3])])
-                worker._send_held_replies()
+                worker._end_of_drain()
             return sent
 
         queues.try_send = send_then_drain  # type: ignore[method-assign]
         for call in calls[:3]:
             worker._on_frames([b"parent", b"", mf._messages.encode(call)])
-        worker._send_held_replies()
+        worker._end_of_drain()
         assert [reply["id"] for reply in queues.messages] == [call["id"] for call in calls]
 
     run_with_mock_clock(main)
@@ -667,7 +667,7 @@ def test_the_sync_thread_pool_serves_again_after_a_run_ended() -> None:
     def deliver(_: Any) -> None:
         finished[-1].set()
 
-    runner = child._ThreadRunner(2, send=lambda _: False, on_done=deliver)
+    runner = child._ThreadRunner(2, send=lambda _: False, on_done=deliver, waiting_calls=lambda: 0)
 
     def job(method: Callable[[], Any]) -> Any:
         request = mf._messages.CallRequest("call-id", "method", [], "default")
@@ -705,3 +705,45 @@ def test_the_sync_thread_pool_serves_again_after_a_run_ended() -> None:
     assert not straggler[0].is_alive()
     assert runner._threads == threads_before - 1
     trio.run(one_call, lambda: 3)
+
+
+@pytest.mark.parametrize(
+    ("sent", "waiting", "woken"), [(True, 0, False), (True, 1, True), (False, 0, True)]
+)
+def test_a_thread_wakes_the_loop_for_a_finished_job_only_when_it_must(
+    sent: bool, waiting: int, woken: bool
+) -> None:
+    """A job whose reply its thread sent waits for the loop's next message, unless calls
+    wait for a slot; a job whose send was left to the loop always wakes it."""
+    child = mf._child
+    booked: list[Any] = []
+    replied = threading.Event()
+
+    def send(_: Any) -> bool:
+        replied.set()
+        return sent
+
+    runner = child._ThreadRunner(1, send=send, on_done=booked.append, waiting_calls=lambda: waiting)
+    request = mf._messages.CallRequest("call-id", "method", [], "default")
+    job = child._SyncJob(b"parent", request, lambda: 1)
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            runner.submit(job)
+            runner.put_submitted()
+            while runner._idle == 0:  # the thread registers for the next job last
+                await trio.sleep(0.001)
+            assert replied.is_set()
+            if woken:
+                while not booked:
+                    await trio.sleep(0.001)
+            else:
+                assert runner.finished
+                assert not runner._delivery_scheduled
+                assert not booked
+                runner.book_finished()  # what the loop does when its next message comes
+        assert booked == [job]
+        assert job.sent is sent
+        assert not runner.finished
+
+    trio.run(main)

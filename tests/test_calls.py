@@ -189,6 +189,20 @@ async def test_sync_handlers_that_block_get_threads_of_their_own() -> None:
             assert await worker.call.add_sync(1, 1) == 2
 
 
+async def test_one_sync_call_at_a_time_runs_on_the_same_thread_after_a_burst() -> None:
+    """Once a burst started several threads, calls made one at a time all run on one of
+    them (the first, whose memory is warm), not on each idle thread in turn."""
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            for round_ in range(3):
+                async with anyio.create_task_group() as tg:  # needs 4 threads at once
+                    for _ in range(4):
+                        tg.start_soon(worker.call.meet_sync, f"burst {round_}", 4)
+                names = [await worker.call.thread_name() for _ in range(12)]
+                assert names[0].startswith("multifrost-sync-")
+                assert set(names) == {names[0]}
+
+
 async def test_cancelled_call_cancels_the_handler_and_the_worker_goes_on() -> None:
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:

@@ -731,7 +731,7 @@ def test_a_thread_wakes_the_loop_for_a_finished_job_only_when_it_must(
         with trio.fail_after(10):
             runner.submit(job)
             runner.put_submitted()
-            while runner._idle == 0:  # the thread registers for the next job last
+            while not runner._first_idle:  # the thread registers for the next job last
                 await trio.sleep(0.001)
             assert replied.is_set()
             if woken:

@@ -207,8 +207,11 @@ class _ThreadRunner:
                 # with them in a batch, cheaper than threads contending for the socket and
                 # the GIL.
                 job.sent = not done and self._send(job)
+                # The job may wait long for its booking: it keeps neither the arguments nor
+                # a reply already sent.
+                job.call.args = []
                 if job.sent:
-                    job.payload = b""  # the job may wait long for its booking
+                    job.payload = b""
             done.append(job)  # before asking for waiting calls: see ``_end_of_drain``
             if (not job.sent or self._waiting_calls()) and not self._delivery_scheduled:
                 self._delivery_scheduled = True

@@ -714,7 +714,8 @@ def test_a_thread_wakes_the_loop_for_a_finished_job_only_when_it_must(
     sent: bool, waiting: int, woken: bool
 ) -> None:
     """A job whose reply its thread sent waits for the loop's next message, unless calls
-    wait for a slot; a job whose send was left to the loop always wakes it."""
+    wait for a slot; a job whose send was left to the loop always wakes it. A job waiting
+    for its booking keeps neither its arguments nor a reply already sent."""
     child = mf._child
     booked: list[Any] = []
     replied = threading.Event()
@@ -724,8 +725,8 @@ def test_a_thread_wakes_the_loop_for_a_finished_job_only_when_it_must(
         return sent
 
     runner = child._ThreadRunner(1, send=send, on_done=booked.append, waiting_calls=lambda: waiting)
-    request = mf._messages.CallRequest("call-id", "method", [], "default")
-    job = child._SyncJob(b"parent", request, lambda: 1)
+    request = mf._messages.CallRequest("call-id", "method", [b"x" * 1000], "default")
+    job = child._SyncJob(b"parent", request, lambda _: 1)
 
     async def main() -> None:
         with trio.fail_after(10):
@@ -740,6 +741,8 @@ def test_a_thread_wakes_the_loop_for_a_finished_job_only_when_it_must(
             else:
                 assert runner.finished
                 assert not runner._delivery_scheduled
+                assert job.call.args == []
+                assert job.payload == b""
                 assert not booked
                 runner.book_finished()  # what the loop does when its next message comes
         assert booked == [job]

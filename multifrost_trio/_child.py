@@ -248,7 +248,7 @@ class _ThreadRunner:
             reply = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
         finally:
             _thread_caller.identity = None
-        job.payload = m.encode_from_thread(reply)
+        job.payload = m.encode(reply)
 
     def stop_serving(self) -> None:
         """The worker stopped serving: book what finished, queue what was submitted, and

@@ -216,10 +216,20 @@ _UNPACKER_OPTIONS: Final[dict[str, Any]] = {
     "max_ext_len": 0,
     "strict_map_key": False,
 }
-# One packer for the process: its pack() runs under the GIL without calling back into
-# Python (values are checked beforehand), and it resets itself if packing fails.
-_pack = msgpack.Packer(use_bin_type=True).pack
-_thread_packers = threading.local()
+PACKER_KEEP_BYTES: Final = 1 << 20
+"""A packer keeps the buffer of the largest message it packed; one that packed a larger
+message than this is replaced, so a big reply's memory is not held for good."""
+
+
+class _ThreadPacker(threading.local):
+    """A msgpack packer per thread (the event loop's, and each sync handler thread's):
+    ``msgpack.packb`` would build one per call, which costs more than the packing."""
+
+    def __init__(self) -> None:
+        self.pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True).pack
+
+
+_packer = _ThreadPacker()
 
 _ID_PREFIX: Final = str(uuid.uuid4())[:24]
 _id_counter = itertools.count(int.from_bytes(os.urandom(5), "big"))
@@ -235,18 +245,12 @@ def new_id() -> str:
 
 
 def encode(message: WireMap) -> bytes:
-    """Pack a message built by this module's ``make_*`` functions."""
-    return _pack(message)  # type: ignore[no-any-return]
-
-
-def encode_from_thread(message: WireMap) -> bytes:
-    """Pack from a thread other than the event loop's, with that thread's own packer
-    (``msgpack.packb`` would build a packer per call, which costs more than the packing)."""
-    try:
-        pack: Callable[[object], bytes] = _thread_packers.pack
-    except AttributeError:
-        pack = _thread_packers.pack = msgpack.Packer(use_bin_type=True).pack
-    return pack(message)
+    """Pack a message built by this module's ``make_*`` functions (from any thread)."""
+    packer = _packer
+    payload = packer.pack(message)
+    if len(payload) > PACKER_KEEP_BYTES:
+        packer.pack = msgpack.Packer(use_bin_type=True).pack
+    return payload
 
 
 def unpack(payload: bytes) -> dict[str, Any]:

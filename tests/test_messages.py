@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import threading
 import time
 import uuid
 from typing import Any
@@ -249,7 +250,24 @@ def test_every_message_has_the_core_fields(name: str) -> None:
     assert decoded is not None
     assert decoded.type == kind
     assert decoded.id == message["id"]
-    assert m.encode_from_thread(message) == m.encode(message)
+    from_a_thread: list[bytes] = []
+    worker = threading.Thread(target=lambda: from_a_thread.append(m.encode(message)))
+    worker.start()
+    worker.join()
+    assert from_a_thread == [m.encode(message)]
+
+
+def test_a_packer_that_packed_a_big_message_is_replaced_and_its_buffer_freed() -> None:
+    """A msgpack packer keeps the buffer of the largest message it packed: after one over
+    ``PACKER_KEEP_BYTES`` the thread gets a new packer; small messages keep theirs."""
+    small = m.make_response("abc", 1)
+    packer_before = m._packer.pack
+    assert m.encode(small) == m.encode(small)
+    assert m._packer.pack is packer_before
+    big = m.make_response("abc", b"x" * (m.PACKER_KEEP_BYTES + 1))
+    assert msgpack.unpackb(m.encode(big))["result"] == big["result"]
+    assert m._packer.pack is not packer_before
+    assert msgpack.unpackb(m.encode(small)) == small
 
 
 def test_response_with_none_result_still_sends_the_result_key() -> None:

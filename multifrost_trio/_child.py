@@ -72,9 +72,10 @@ def inline(func: F) -> F:
 class ChildCounters:
     """What a worker counts about itself (readable from handlers as ``self.counters``).
 
-    A sync handler's call is counted when the loop books it: at once when calls wait for a
-    slot, else as the next message arrives, before it is handled (so a sequential round
-    trip costs the loop no wake-up beside its reply).
+    A sync handler's outcome is counted when the loop books its call: at once when the loop
+    sends the reply or calls wait for a slot, else (the handler's thread sent the reply) as
+    the next message arrives, before it is handled, so that a sequential round trip costs
+    the loop no wake-up beside its reply.
     """
 
     calls_started: int = 0
@@ -101,22 +102,22 @@ class _SyncJob:
         self.failed = False
         self.payload = b""
         self.sent = False
-        """The worker thread sent the reply itself (see ``_ThreadRunner``)."""
+        """The worker thread sent the reply itself, or is sending it (see ``_ThreadRunner``)."""
 
 
 class _ThreadRunner:
     """Persistent worker threads for sync handlers.
 
-    A job goes through one queue, once the loop is about to wait (``put_submitted``); the
-    thread runs the handler, encodes the reply and, when no earlier job awaits the loop,
-    sends it itself (``send``: no trip through the event loop before the reply leaves).
-    Finished jobs go back to the loop for bookkeeping (and the sends left to it) in
-    batches. The loop is woken for them, through one ``run_sync_soon`` per batch, only when
-    it must act: a send was left to it, or calls wait for a slot (``waiting_calls()``). Else
-    they wait for the loop's next message (``book_finished``), and a sequential call's
-    round trip costs no wake of the loop beside its reply. No task and no thread is created
-    per call; a thread is added only when a job arrives and no idle thread is left for it
-    (up to ``max_threads``).
+    A job reaches a thread once the loop is about to wait (``put_submitted``); the thread
+    runs the handler, encodes the reply and, when no finished job awaits the loop, sends it
+    itself (``send``: no trip through the event loop before the reply leaves), unless the
+    call was cancelled first (``abandon``). Finished jobs go back to the loop for
+    bookkeeping (and the sends left to it) in batches. The loop is woken for them, through
+    one ``run_sync_soon`` per batch, only when it must act: a send was left to it, or calls
+    wait for a slot (``waiting_calls()``). Else they wait for the loop's next message
+    (``book_finished``), and a sequential call's round trip costs no wake of the loop
+    beside its reply. No task and no thread is created per call; a thread is added only
+    when a job arrives and no idle thread is left for it (up to ``max_threads``).
 
     One thread, the first, has a queue of its own and gets every job it is idle for; the
     others share a queue. A sequential caller's jobs then all run on one thread whose
@@ -203,10 +204,11 @@ class _ThreadRunner:
             job = jobs.get()  # a thread starts for a job, and registers for the next below
             if not job.abandoned:
                 self._run(job)
-                # When earlier jobs wait for the loop, it is woken below and sends this one
-                # with them in a batch, cheaper than threads contending for the socket and
-                # the GIL.
-                job.sent = not done and self._send(job)
+                # While finished jobs wait for their booking (jobs finishing close together)
+                # the loop sends the reply: under load it sends replies in batches, cheaper
+                # than threads contending for the socket and the GIL.
+                if not done and self._claim_send(job):
+                    job.sent = self._send(job)
                 # The job may wait long for its booking: it keeps neither the arguments nor
                 # a reply already sent.
                 job.call.args = []
@@ -215,10 +217,11 @@ class _ThreadRunner:
             done.append(job)  # before asking for waiting calls: see ``_end_of_drain``
             if (not job.sent or self._waiting_calls()) and not self._delivery_scheduled:
                 self._delivery_scheduled = True
+                token = self._token  # read once: ``stop_serving`` may clear it meanwhile
                 try:
-                    if self._token is None:
+                    if token is None:
                         raise trio.RunFinishedError
-                    self._token.run_sync_soon(self.book_finished)
+                    token.run_sync_soon(self.book_finished)
                 except trio.RunFinishedError:  # the worker stopped serving: so does the thread
                     with lock:
                         self._delivery_scheduled = False
@@ -234,6 +237,24 @@ class _ThreadRunner:
                     jobs = self._first_jobs
                 else:
                     self._idle += 1
+
+    def _claim_send(self, job: _SyncJob) -> bool:
+        """Take the send of ``job``'s reply for its thread, unless the call was cancelled;
+        a ``cancel`` read from now on comes too late (see ``abandon``)."""
+        with self._lock:
+            if job.abandoned:
+                return False
+            job.sent = True  # ``_work`` resets it if the send fails: the loop sends it then
+            return True
+
+    def abandon(self, job: _SyncJob) -> bool:
+        """The call was cancelled: drop its reply, unless already sent or being sent.
+        True if the job is now abandoned (count it as cancelled)."""
+        with self._lock:
+            if job.sent or job.abandoned:
+                return False
+            job.abandoned = True
+            return True
 
     @staticmethod
     def _run(job: _SyncJob) -> None:
@@ -836,8 +857,7 @@ class ChildWorker:
             if scope is not None:
                 scope.cancel()
             job = self._sync_jobs.get(message.id)
-            if job is not None and not job.abandoned and not job.sent:
-                job.abandoned = True
+            if job is not None and self._threads.abandon(job):
                 self.counters.calls_cancelled += 1
         elif kind == "shutdown":
             if self.allow_remote_shutdown:
@@ -955,10 +975,10 @@ class ChildWorker:
         return reply
 
     def _send_from_thread(self, job: _SyncJob) -> bool:
-        """A worker thread's reply goes out directly unless the loop must send it: the call
-        was cancelled, the reply is oversized, or printed output waits to go before it."""
+        """A worker thread's reply goes out directly unless the loop must send it: the reply
+        is oversized, or printed output waits to go before it."""
         channel, output = self._channel, self._output
-        if job.abandoned or channel is None or len(job.payload) > m.MAX_MESSAGE_BYTES:
+        if channel is None or len(job.payload) > m.MAX_MESSAGE_BYTES:
             return False
         if output is not None and not output.idle:
             return False

@@ -750,3 +750,72 @@ def test_a_thread_wakes_the_loop_for_a_finished_job_only_when_it_must(
         assert not runner.finished
 
     trio.run(main)
+
+
+def test_a_cancel_read_while_a_thread_sends_the_reply_comes_too_late() -> None:
+    """Once a thread has taken the send of its reply, a ``cancel`` for the call is refused:
+    the call is counted once, as answered. A cancel before the handler ran abandons it."""
+    child = mf._child
+    booked: list[Any] = []
+    refused: list[bool] = []
+    request = mf._messages.CallRequest("call-id", "method", [], "default")
+    job = child._SyncJob(b"parent", request, lambda: 1)
+
+    def send_while_cancelled(sending: Any) -> bool:
+        refused.append(not runner.abandon(sending))  # the loop reads the cancel meanwhile
+        return True
+
+    runner = child._ThreadRunner(
+        1, send=send_while_cancelled, on_done=booked.append, waiting_calls=lambda: 1
+    )
+    cancelled_early = child._SyncJob(b"parent", request, lambda: 1 / 0)
+    assert runner.abandon(cancelled_early)
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            for count, submitted in enumerate((cancelled_early, job), 1):
+                runner.submit(submitted)
+                runner.put_submitted()
+                while len(booked) < count:  # one at a time: the send needs none waiting
+                    await trio.sleep(0.001)
+
+    trio.run(main)
+    assert refused == [True]
+    assert job.sent
+    assert not job.abandoned
+    assert not cancelled_early.sent  # never run: its handler would have raised
+    assert not cancelled_early.failed
+
+
+class _NarrowSyncAdder(mf.ChildWorker):
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+def test_a_drain_that_puts_a_call_in_the_backlog_books_a_job_finished_meanwhile() -> None:
+    """A thread that finished just before a call joined the backlog did not see the backlog
+    (so did not wake the loop): the drain's end books its job, freeing the slot."""
+
+    async def main() -> None:
+        worker, _, queues = _child_with_parent_queues(
+            [b"parent"], _NarrowSyncAdder(max_concurrency=1)
+        )
+        queues.make_room(b"parent")
+        first, second = (mf._messages.make_call("add", (i, 1)) for i in range(2))
+        request = mf._messages.CallRequest.from_raw(first)
+        assert request is not None
+        finished = mf._child._SyncJob(b"parent", request, worker.add)
+        finished.sent = True  # its thread sent the reply, and saw no call waiting
+        worker._active = 1
+        worker._sync_jobs[request.id] = finished
+        worker._threads._done.append(finished)
+        second_request = mf._messages.CallRequest.from_raw(second)
+        assert second_request is not None
+        worker._on_call(b"parent", second_request)  # read just after: the backlog
+        assert len(worker._backlog) == 1
+        worker._end_of_drain()
+        assert not worker._backlog
+        assert list(worker._sync_jobs) == [second_request.id]  # handed to a thread
+        assert worker.counters.calls_succeeded == 1
+
+    run_with_mock_clock(main)

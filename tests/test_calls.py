@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 from typing import Any
@@ -190,17 +191,21 @@ async def test_sync_handlers_that_block_get_threads_of_their_own() -> None:
 
 
 async def test_one_sync_call_at_a_time_runs_on_the_same_thread_after_a_burst() -> None:
-    """Once a burst started several threads, calls made one at a time all run on one of
-    them (the first, whose memory is warm), not on each idle thread in turn."""
+    """Once a burst started several threads, calls made one at a time run on one of them
+    (the first, whose memory is warm), not on each idle thread in turn (3 calls each).
+
+    Only nearly all: a thread that sent its reply registers as idle just after, and a
+    thread preempted in between (a loaded machine) misses the next call."""
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:
             for round_ in range(3):
                 async with anyio.create_task_group() as tg:  # needs 4 threads at once
                     for _ in range(4):
                         tg.start_soon(worker.call.meet_sync, f"burst {round_}", 4)
-                names = [await worker.call.thread_name() for _ in range(12)]
-                assert names[0].startswith("multifrost-sync-")
-                assert set(names) == {names[0]}
+                names = collections.Counter([await worker.call.thread_name() for _ in range(12)])
+                (name, count), *_ = names.most_common(1)
+                assert name.startswith("multifrost-sync-")
+                assert count >= 10, names
 
 
 async def test_cancelled_call_cancels_the_handler_and_the_worker_goes_on() -> None:

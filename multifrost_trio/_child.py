@@ -263,13 +263,13 @@ class _ThreadRunner:
         call = job.call
         _thread_caller.identity = job.identity
         try:
-            reply = m.make_response(call.id, job.method(*call.args))
+            job.payload = m.encode(m.make_response(call.id, job.method(*call.args)))
         except BaseException as exc:  # SystemExit too: it would end only this thread
             job.failed = True
-            reply = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
+            error = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
+            job.payload = m.encode(error)
         finally:
             _thread_caller.identity = None
-        job.payload = m.encode(reply)
 
     def stop_serving(self) -> None:
         """The worker stopped serving: book what finished, queue what was submitted, and

@@ -217,8 +217,9 @@ _UNPACKER_OPTIONS: Final[dict[str, Any]] = {
     "strict_map_key": False,
 }
 PACKER_KEEP_BYTES: Final = 1 << 20
-"""A packer keeps the buffer of the largest message it packed; one that packed a larger
-message than this is replaced, so a big reply's memory is not held for good."""
+"""A packer keeps a buffer up to twice the size of the largest message it packed; one that
+packed a larger message than this is replaced, so a big reply's memory is not held for
+good (a packer per thread may keep about 2 MiB)."""
 
 
 class _ThreadPacker(threading.local):

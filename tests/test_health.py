@@ -819,3 +819,27 @@ def test_a_drain_that_puts_a_call_in_the_backlog_books_a_job_finished_meanwhile(
         assert worker.counters.calls_succeeded == 1
 
     run_with_mock_clock(main)
+
+
+def test_a_reply_that_fails_to_encode_on_its_thread_becomes_an_error_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Encoding a checked reply fails only for want of memory; the thread then answers with
+    an error instead of dying with its call unanswered."""
+    child = mf._child
+    plain_encode = mf._messages.encode
+
+    def encode_or_fail(message: mf._messages.WireMap) -> bytes:
+        if message["type"] == "response":
+            raise MemoryError("no room for the reply")
+        return plain_encode(message)
+
+    monkeypatch.setattr(mf._messages, "encode", encode_or_fail)
+    request = mf._messages.CallRequest("call-id", "method", [], "default")
+    job = child._SyncJob(b"parent", request, lambda: 1)
+    child._ThreadRunner._run(job)
+    assert job.failed
+    error = mf._messages.unpack(job.payload)
+    assert error["type"] == "error"
+    assert error["id"] == "call-id"
+    assert "MemoryError: no room for the reply" in error["error"]

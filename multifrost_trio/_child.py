@@ -1141,18 +1141,24 @@ def _lookup_error(name: str | None) -> str:
 def _parent_pipe() -> int | None:
     """The parent-death pipe, if our own parent passed one (``<fd>:<parent pid>``).
 
-    The variable is removed so that our own children never mistake it for theirs; an fd
-    that is not a pipe from our actual parent is ignored (the ppid poll is used instead).
+    The variable is removed so that our own children never mistake it for theirs. An fd
+    that is not a pipe is ignored (the ppid poll is used instead), and so is a pipe from a
+    process other than our parent, unless it has already ended: then our parent died
+    before we looked (we now have another parent), and the watch ends at once.
     """
     text = os.environ.pop(PARENT_FD_ENV, "")
     fd_text, _, pid_text = text.partition(":")
-    if not (fd_text.isdigit() and pid_text.isdigit()) or int(pid_text) != os.getppid():
+    if not (fd_text.isdigit() and pid_text.isdigit()):
         return None
     fd = int(fd_text)
     try:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return None
-    except OSError:
+        if int(pid_text) != os.getppid():
+            os.set_blocking(fd, False)
+            if os.read(fd, 1):  # nobody writes to it: not a parent-death pipe
+                return None
+    except OSError:  # BlockingIOError too: still open, so another process's
         return None
     return fd
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -185,6 +186,43 @@ def test_no_orphan_when_the_parent_is_killed() -> None:
     finally:
         parent.kill()
         parent.wait(timeout=10)
+
+
+def test_no_orphan_when_the_parent_died_before_the_worker_watched_it() -> None:
+    """The parent died while its worker was starting, so the worker now has another parent
+    when it looks: the death pipe it was given has already ended, and it exits."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait(timeout=30)  # a pid that is not the worker's parent, and is gone
+    read_end, write_end = os.pipe()
+    os.close(write_end)  # what the OS does when the parent dies
+    nobody = socket.socket()
+    nobody.bind(("127.0.0.1", 0))  # a port nothing listens on: the worker just waits
+    env = {
+        **os.environ,
+        mf._child.PORT_ENV: str(nobody.getsockname()[1]),
+        mf._child.WORKER_MODE_ENV: "1",
+        mf._child.PARENT_FD_ENV: f"{read_end}:{finished.pid}",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, ECHO, "--worker"],
+        env=env,
+        pass_fds=(read_end,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(read_end)
+    try:
+        pidfd = os.pidfd_open(worker.pid)
+        try:
+            exited, _, _ = select.select([pidfd], [], [], 20.0)  # start-up included
+        finally:
+            os.close(pidfd)
+        assert exited, "worker outlived its parent"
+        assert worker.wait(timeout=10) == 0
+    finally:
+        nobody.close()
+        worker.kill()
+        worker.wait(timeout=10)
 
 
 async def test_spawn_binds_loopback_on_an_ephemeral_port() -> None:

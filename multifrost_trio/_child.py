@@ -44,6 +44,9 @@ PARENT_FD_ENV: Final = "MULTIFROST_TRIO_PARENT_FD"
 """Read end of a pipe whose write end only the parent holds: EOF means the parent died."""
 
 _PPID_POLL_SECONDS: Final = 1.0
+IDLE_THREAD_SECONDS: Final = 30.0
+"""A sync thread other than the first ends after waiting this long for a job: the threads
+of a burst do not stay for good."""
 """Parent-death check for parents that pass no pipe (other implementations)."""
 _OUTPUT_BUFFER_LIMIT: Final = 8 * 1024 * 1024
 """Bytes of forwarded print() output kept while the parent is slow; older text is dropped."""
@@ -117,7 +120,8 @@ class _ThreadRunner:
     wait for a slot (``waiting_calls()``). Else they wait for the loop's next message
     (``book_finished``), and a sequential call's round trip costs no wake of the loop
     beside its reply. No task and no thread is created per call; a thread is added only
-    when a job arrives and no idle thread is left for it (up to ``max_threads``).
+    when a job arrives and no idle thread is left for it (up to ``max_threads``), and a
+    thread other than the first ends after ``idle_seconds`` without a job.
 
     One thread, the first, has a queue of its own and gets every job it is idle for; the
     others share a queue. A sequential caller's jobs then all run on one thread whose
@@ -135,8 +139,10 @@ class _ThreadRunner:
         send: Callable[[_SyncJob], bool],
         on_done: Callable[[_SyncJob], None],
         waiting_calls: Callable[[], int],
+        idle_seconds: float = IDLE_THREAD_SECONDS,
     ) -> None:
         self._max_threads = max_threads
+        self._idle_seconds = idle_seconds
         self._send = send
         self._on_done = on_done
         self._waiting_calls = waiting_calls
@@ -200,8 +206,17 @@ class _ThreadRunner:
     def _work(self, first: bool) -> None:
         done, lock = self._done, self._lock
         jobs = self._first_jobs if first else self._jobs
+        idle_seconds = None if first else self._idle_seconds
         while True:
-            job = jobs.get()  # a thread starts for a job, and registers for the next below
+            try:
+                job = jobs.get(timeout=idle_seconds)  # a thread starts for a job
+            except queue.Empty:
+                with lock:
+                    if not self._idle:
+                        continue  # every idle thread is promised a job: one is on its way
+                    self._idle -= 1  # another idle thread takes this one's place
+                    self._threads -= 1
+                return
             if not job.abandoned:
                 self._run(job)
                 # While finished jobs wait for their booking (jobs finishing close together)

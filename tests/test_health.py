@@ -843,3 +843,43 @@ def test_a_reply_that_fails_to_encode_on_its_thread_becomes_an_error_reply(
     assert error["type"] == "error"
     assert error["id"] == "call-id"
     assert "MemoryError: no room for the reply" in error["error"]
+
+
+def test_sync_threads_beyond_the_first_end_after_waiting_idle() -> None:
+    """A burst's extra threads end once idle for ``idle_seconds``; the first stays, and
+    the pool serves the next job (and starts threads again for the next burst)."""
+    child = mf._child
+    booked: list[Any] = []
+    runner = child._ThreadRunner(
+        4,
+        send=lambda _: False,
+        on_done=booked.append,
+        waiting_calls=lambda: 0,
+        idle_seconds=0.05,
+    )
+
+    def job(method: Callable[[], Any]) -> Any:
+        request = mf._messages.CallRequest("call-id", "method", [], "default")
+        return child._SyncJob(b"parent", request, method)
+
+    async def burst(size: int) -> None:
+        together = threading.Barrier(size, timeout=10)  # needs ``size`` threads at once
+        for _ in range(size):
+            runner.submit(job(together.wait))
+        runner.put_submitted()
+        expected = len(booked) + size
+        while len(booked) < expected:
+            await trio.sleep(0.01)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            await burst(4)
+            while runner._threads > 1:  # the three others end
+                await trio.sleep(0.01)
+            assert runner._first_idle
+            assert runner._idle == 0
+            await burst(1)
+            await burst(3)
+            assert all(not finished.failed for finished in booked)
+
+    trio.run(main)

@@ -44,10 +44,10 @@ PARENT_FD_ENV: Final = "MULTIFROST_TRIO_PARENT_FD"
 """Read end of a pipe whose write end only the parent holds: EOF means the parent died."""
 
 _PPID_POLL_SECONDS: Final = 1.0
+"""Parent-death check for parents that pass no pipe (other implementations)."""
 IDLE_THREAD_SECONDS: Final = 30.0
 """A sync thread other than the first ends after waiting this long for a job: the threads
 of a burst do not stay for good."""
-"""Parent-death check for parents that pass no pipe (other implementations)."""
 _OUTPUT_BUFFER_LIMIT: Final = 8 * 1024 * 1024
 """Bytes of forwarded print() output kept while the parent is slow; older text is dropped."""
 _OUTPUT_CHUNK: Final = 16 * 1024

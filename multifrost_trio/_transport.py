@@ -322,7 +322,10 @@ class Channel:
             # error and reports it.
             log.debug("drain continuation failed", exc_info=True)
 
+    @trio.lowlevel.enable_ki_protection
     def _receive_one(self) -> list[bytes]:
+        """One whole multipart message (Ctrl-C waits until it is read: a message cut short
+        would leave its last frames to be read as a message of their own)."""
         recv = self._recv_frame
         frame = recv(_NOBLOCK, False)
         frames = [frame.bytes]
@@ -445,7 +448,10 @@ class Channel:
             self.drain()
         return sent
 
+    @trio.lowlevel.enable_ki_protection
     def _send_all(self, frames: Sequence[bytes]) -> bool:
+        """Send one multipart message (Ctrl-C waits until it is sent: a message cut short
+        would take the next send's frames as its own)."""
         send = self._send_frame
         last = len(frames) - 1
         try:

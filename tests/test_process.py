@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import anyio
 import pytest
+import trio
 import zmq
 
 import multifrost_trio as mf
@@ -325,6 +327,43 @@ async def test_on_drained_follows_the_last_message_of_every_drain() -> None:
     finally:
         channel.close()
         peer.close(linger=0)
+
+
+def test_ctrl_c_never_cuts_a_multipart_message_in_two() -> None:
+    """Each frame of a message is sent and received with KeyboardInterrupt deferred (on
+    trio, whose Ctrl-C handling defers it in protected code): a message cut short would
+    merge with the next send, or leave frames read as a message of their own."""
+    protected: list[tuple[str, bool]] = []
+
+    async def main() -> None:
+        peer, ours = _inproc_pair("ki-protection")
+        received: list[list[bytes]] = []
+        channel = Channel(ours, received.append)
+        send_frame, recv_frame = channel._send_frame, channel._recv_frame
+
+        def watched_send(frame: bytes, flags: int) -> Any:
+            protected.append(("send", trio.lowlevel.currently_ki_protected()))
+            return send_frame(frame, flags)
+
+        def watched_recv(flags: int, copy: bool) -> zmq.Frame:
+            protected.append(("recv", trio.lowlevel.currently_ki_protected()))
+            return recv_frame(flags, copy)
+
+        channel._send_frame = watched_send
+        channel._recv_frame = watched_recv
+        try:
+            assert not trio.lowlevel.currently_ki_protected()  # a plain task is not
+            assert channel.try_send([b"a", b"b", b"c"])
+            assert peer.recv_multipart() == [b"a", b"b", b"c"]
+            peer.send_multipart([b"x", b"y"])
+            channel.drain()
+            assert received == [[b"x", b"y"]]
+        finally:
+            channel.close()
+            peer.close(linger=0)
+
+    trio.run(main)
+    assert protected == [("send", True)] * 3 + [("recv", True)] * 2
 
 
 async def test_a_flood_of_messages_does_not_hold_the_event_loop() -> None:

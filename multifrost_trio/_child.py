@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import queue
+import select
 import signal
 import stat
 import sys
@@ -1169,13 +1170,20 @@ def _parent_pipe() -> int | None:
     try:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             return None
-        if int(pid_text) != os.getppid():
-            os.set_blocking(fd, False)
-            if os.read(fd, 1):  # nobody writes to it: not a parent-death pipe
-                return None
-    except OSError:  # BlockingIOError too: still open, so another process's
+        if int(pid_text) != os.getppid() and not _pipe_has_ended(fd):
+            return None
+    except OSError:
         return None
     return fd
+
+
+def _pipe_has_ended(fd: int) -> bool:
+    """Whether a pipe's writers are all gone and nothing is left to read; asked without
+    reading or changing it (the fd may be another process's, if a variable was stale)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    events = dict(poller.poll(0)).get(fd, 0)
+    return events == select.POLLHUP
 
 
 def _port_from_env() -> int:

@@ -197,34 +197,53 @@ def test_no_orphan_when_the_parent_died_before_the_worker_watched_it() -> None:
     finished.wait(timeout=30)  # a pid that is not the worker's parent, and is gone
     read_end, write_end = os.pipe()
     os.close(write_end)  # what the OS does when the parent dies
-    nobody = socket.socket()
-    nobody.bind(("127.0.0.1", 0))  # a port nothing listens on: the worker just waits
-    env = {
-        **os.environ,
-        mf._child.PORT_ENV: str(nobody.getsockname()[1]),
-        mf._child.WORKER_MODE_ENV: "1",
-        mf._child.PARENT_FD_ENV: f"{read_end}:{finished.pid}",
-    }
-    worker = subprocess.Popen(
-        [sys.executable, ECHO, "--worker"],
-        env=env,
-        pass_fds=(read_end,),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(read_end)
-    try:
-        pidfd = os.pidfd_open(worker.pid)
+    with socket.socket() as nobody:
+        nobody.bind(("127.0.0.1", 0))  # a port nothing listens on: the worker just waits
+        env = {
+            **os.environ,
+            mf._child.PORT_ENV: str(nobody.getsockname()[1]),
+            mf._child.WORKER_MODE_ENV: "1",
+            mf._child.PARENT_FD_ENV: f"{read_end}:{finished.pid}",
+        }
         try:
-            exited, _, _ = select.select([pidfd], [], [], 20.0)  # start-up included
+            worker = subprocess.Popen(
+                [sys.executable, ECHO, "--worker"],
+                env=env,
+                pass_fds=(read_end,),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         finally:
-            os.close(pidfd)
-        assert exited, "worker outlived its parent"
-        assert worker.wait(timeout=10) == 0
+            os.close(read_end)
+        try:
+            pidfd = os.pidfd_open(worker.pid)
+            try:
+                exited, _, _ = select.select([pidfd], [], [], 20.0)  # start-up included
+            finally:
+                os.close(pidfd)
+            assert exited, "worker outlived its parent"
+            assert worker.wait(timeout=10) == 0
+        finally:
+            worker.kill()
+            worker.wait(timeout=10)
+
+
+def test_a_stale_parent_pipe_variable_never_touches_another_process_s_pipe() -> None:
+    """A worker started with another process's pipe under the variable's fd number (a
+    variable inherited by a process its worker started): neither read nor made
+    non-blocking, and not taken for a parent-death pipe while its writer lives."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"theirs")
+    os.environ[mf._child.PARENT_FD_ENV] = f"{read_end}:{os.getpid()}"  # not our parent
+    try:
+        assert mf._child._parent_pipe() is None
+        assert mf._child.PARENT_FD_ENV not in os.environ  # our own children never see it
+        assert os.get_blocking(read_end)
+        assert os.read(read_end, 100) == b"theirs"
     finally:
-        nobody.close()
-        worker.kill()
-        worker.wait(timeout=10)
+        os.environ.pop(mf._child.PARENT_FD_ENV, None)
+        os.close(read_end)
+        os.close(write_end)
 
 
 async def test_spawn_binds_loopback_on_an_ephemeral_port() -> None:

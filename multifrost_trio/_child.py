@@ -230,7 +230,7 @@ class _ThreadRunner:
                 job.call.args = []
                 if job.sent:
                     job.payload = b""
-            done.append(job)  # before asking for waiting calls: see ``_end_of_drain``
+            done.append(job)  # before asking for waiting calls: see ``_on_call``
             if (not job.sent or self._waiting_calls()) and not self._delivery_scheduled:
                 self._delivery_scheduled = True
                 token = self._token  # read once: ``stop_serving`` may clear it meanwhile
@@ -884,8 +884,7 @@ class ChildWorker:
                 log.info("ignored a shutdown request: this worker is shared")
 
     def _end_of_drain(self) -> None:
-        """End of a drain: send the inline replies held back during it, in order; if calls
-        wait for a slot, book the sync jobs that finished meanwhile.
+        """End of a drain: send the inline replies held back during it, in order.
 
         The first inline reply of a drain goes at once (a lone call waits for nothing); the
         others wait for the drain's end and leave in one burst, which wakes zmq's I/O thread
@@ -893,17 +892,12 @@ class ChildWorker:
         worker's, not a parent's: with several parents, one's burst may hold back another's
         reply for up to a drain's time slice plus the handlers run in it. A reply is also
         held while earlier ones still are (a send here may drain the socket again).
-
-        A thread that finished a job just before a call joined the backlog did not see the
-        backlog (it checks after queueing its job), so the job is booked here instead.
         """
         self._replied_in_drain = False
         held = self._held_replies
         while held:
             identity, payload = held.popleft()
             self._send_reply(identity, payload)
-        if self._backlog and self._threads.finished:
-            self._threads.book_finished()
 
     def _note_parent(self, identity: bytes) -> None:
         """Spawn mode: remember the parent, so output printed outside any call reaches it."""
@@ -933,6 +927,10 @@ class ChildWorker:
                 self._reply_now(identity, reply)
         elif self._active >= self.max_concurrency:
             self._backlog.append((identity, call))
+            # A thread that finished just before the append saw no call waiting (it asks
+            # after queueing its job) and did not wake the loop: its slot is freed here.
+            if self._threads.finished:
+                self._threads.book_finished()
         else:
             self._dispatch(identity, call, kind)
 

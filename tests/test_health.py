@@ -658,6 +658,12 @@ def test_ctrl_c_in_a_parent_with_three_workers() -> None:
         parent.wait(timeout=10)
 
 
+def _sync_job(method: Callable[..., Any], *args: Any) -> Any:
+    """A job for a ``_ThreadRunner``, as the worker makes one for a call."""
+    request = mf._messages.CallRequest("call-id", "method", list(args), "default")
+    return mf._child._SyncJob(b"parent", request, method)
+
+
 def test_the_sync_thread_pool_serves_again_after_a_run_ended() -> None:
     """A worker may be served again in a new trio run: its threads deliver finished jobs
     to that run, and a thread that finishes after a run ended leaves the pool's count."""
@@ -669,14 +675,10 @@ def test_the_sync_thread_pool_serves_again_after_a_run_ended() -> None:
 
     runner = child._ThreadRunner(2, send=lambda _: False, on_done=deliver, waiting_calls=lambda: 0)
 
-    def job(method: Callable[[], Any]) -> Any:
-        request = mf._messages.CallRequest("call-id", "method", [], "default")
-        return child._SyncJob(b"parent", request, method)
-
     async def one_call(method: Callable[[], Any]) -> None:
         finished.append(trio.Event())
         with trio.fail_after(10):
-            runner.submit(job(method))
+            runner.submit(_sync_job(method))
             runner.put_submitted()  # what the worker's instrument does before waiting
             await finished[-1].wait()
 
@@ -693,7 +695,7 @@ def test_the_sync_thread_pool_serves_again_after_a_run_ended() -> None:
         release.wait(10)
 
     async def submit_only() -> None:
-        runner.submit(job(block_until_released))
+        runner.submit(_sync_job(block_until_released))
         runner.put_submitted()
 
     trio.run(submit_only)
@@ -725,8 +727,7 @@ def test_a_thread_wakes_the_loop_for_a_finished_job_only_when_it_must(
         return sent
 
     runner = child._ThreadRunner(1, send=send, on_done=booked.append, waiting_calls=lambda: waiting)
-    request = mf._messages.CallRequest("call-id", "method", [b"x" * 1000], "default")
-    job = child._SyncJob(b"parent", request, lambda _: 1)
+    job = _sync_job(lambda _: 1, b"x" * 1000)
 
     async def main() -> None:
         with trio.fail_after(10):
@@ -758,8 +759,7 @@ def test_a_cancel_read_while_a_thread_sends_the_reply_comes_too_late() -> None:
     child = mf._child
     booked: list[Any] = []
     refused: list[bool] = []
-    request = mf._messages.CallRequest("call-id", "method", [], "default")
-    job = child._SyncJob(b"parent", request, lambda: 1)
+    job = _sync_job(lambda: 1)
 
     def send_while_cancelled(sending: Any) -> bool:
         refused.append(not runner.abandon(sending))  # the loop reads the cancel meanwhile
@@ -768,7 +768,7 @@ def test_a_cancel_read_while_a_thread_sends_the_reply_comes_too_late() -> None:
     runner = child._ThreadRunner(
         1, send=send_while_cancelled, on_done=booked.append, waiting_calls=lambda: 1
     )
-    cancelled_early = child._SyncJob(b"parent", request, lambda: 1 / 0)
+    cancelled_early = _sync_job(lambda: 1 / 0)
     assert runner.abandon(cancelled_early)
 
     async def main() -> None:
@@ -792,9 +792,9 @@ class _NarrowSyncAdder(mf.ChildWorker):
         return a + b
 
 
-def test_a_drain_that_puts_a_call_in_the_backlog_books_a_job_finished_meanwhile() -> None:
+def test_a_call_joining_the_backlog_books_a_job_finished_meanwhile() -> None:
     """A thread that finished just before a call joined the backlog did not see the backlog
-    (so did not wake the loop): the drain's end books its job, freeing the slot."""
+    (so did not wake the loop): the call books that job as it joins, and takes its slot."""
 
     async def main() -> None:
         worker, _, queues = _child_with_parent_queues(
@@ -811,9 +811,7 @@ def test_a_drain_that_puts_a_call_in_the_backlog_books_a_job_finished_meanwhile(
         worker._threads._done.append(finished)
         second_request = mf._messages.CallRequest.from_raw(second)
         assert second_request is not None
-        worker._on_call(b"parent", second_request)  # read just after: the backlog
-        assert len(worker._backlog) == 1
-        worker._end_of_drain()
+        worker._on_call(b"parent", second_request)  # read just after: the slot is full
         assert not worker._backlog
         assert list(worker._sync_jobs) == [second_request.id]  # handed to a thread
         assert worker.counters.calls_succeeded == 1
@@ -835,8 +833,7 @@ def test_a_reply_that_fails_to_encode_on_its_thread_becomes_an_error_reply(
         return plain_encode(message)
 
     monkeypatch.setattr(mf._messages, "encode", encode_or_fail)
-    request = mf._messages.CallRequest("call-id", "method", [], "default")
-    job = child._SyncJob(b"parent", request, lambda: 1)
+    job = _sync_job(lambda: 1)
     child._ThreadRunner._run(job)
     assert job.failed
     error = mf._messages.unpack(job.payload)
@@ -858,14 +855,10 @@ def test_sync_threads_beyond_the_first_end_after_waiting_idle() -> None:
         idle_seconds=0.05,
     )
 
-    def job(method: Callable[[], Any]) -> Any:
-        request = mf._messages.CallRequest("call-id", "method", [], "default")
-        return child._SyncJob(b"parent", request, method)
-
     async def burst(size: int) -> None:
         together = threading.Barrier(size, timeout=10)  # needs ``size`` threads at once
         for _ in range(size):
-            runner.submit(job(together.wait))
+            runner.submit(_sync_job(together.wait))
         runner.put_submitted()
         expected = len(booked) + size
         while len(booked) < expected:

@@ -1,14 +1,15 @@
 """Round-trip latency and throughput of multifrost_trio against a raw pyzmq floor.
 
 The floor is a blocking pyzmq DEALER (this process) and ROUTER (a child process) exchanging
-the same msgpack maps the protocol uses. Every library measurement is paired with a floor
-measurement taken right before or after it (the order alternates between rounds), so the
-machine's slow drifts hit both; the table shows medians, and ratios as the median over
-rounds of each pair's ratio (library / floor for latency and for throughput). Two more
-references show what trio itself costs: the floor's client as one trio task on the zmq fd,
-and that client talking to a server written the same way (raw pyzmq, no library, on both sides).
+the same msgpack maps the protocol uses. Every library block (``--calls`` sequential calls,
+or ten times as many with 100 in flight) is paired with a floor block taken right before or
+after it (the order alternates between blocks), so the machine's drifts hit both; a ratio
+is the median over ``--blocks`` pairs of each pair's ratio (library / floor for latency and
+for throughput), with its 10th to 90th percentiles. Two more references show what trio
+itself costs: the floor's client as one trio task on the zmq fd, and that client talking
+to a server written the same way (raw pyzmq, no library, on both sides).
 
-    python benchmarks/bench_rpc.py [--rounds 5] [--calls 3000] [--json]
+    python benchmarks/bench_rpc.py [--blocks 30] [--calls 300] [--spawns 5] [--json]
 """
 
 from __future__ import annotations

@@ -229,9 +229,9 @@ def test_no_orphan_when_the_parent_died_before_the_worker_watched_it() -> None:
 
 
 def test_a_stale_parent_pipe_variable_never_touches_another_process_s_pipe() -> None:
-    """A worker started with another process's pipe under the variable's fd number (a
-    variable inherited by a process its worker started): neither read nor made
-    non-blocking, and not taken for a parent-death pipe while its writer lives."""
+    """A variable naming another process's pipe (one inherited by a process a worker
+    started): the pipe is neither read nor made non-blocking, and is not taken for a
+    parent-death pipe while its writer lives."""
     read_end, write_end = os.pipe()
     os.write(write_end, b"theirs")
     os.environ[mf._child.PARENT_FD_ENV] = f"{read_end}:{os.getpid()}"  # not our parent

@@ -1,8 +1,8 @@
 """The worker side: ``ChildWorker``, dispatch, sync-handler threads, output forwarding.
 
 The child owns its process and runs trio directly. One nursery holds the reader, the output
-pump, the parent-death watch and one task per async call; heartbeats are echoed by the reader
-itself, so a busy handler never looks like a dead worker.
+pump, the parent-death watch and the pooled tasks that run async calls; heartbeats are echoed
+by whoever reads the socket, so a busy handler never looks like a dead worker.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import stat
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, TypeVar
@@ -644,7 +645,8 @@ class ChildWorker:
         self._parents: dict[bytes, None] = {}
         self._running: dict[str, trio.CancelScope] = {}
         self._sync_jobs: dict[str, _SyncJob] = {}
-        self._idle_tasks: dict[TrioWaiter, None] = {}
+        self._idle_tasks: dict[TrioWaiter, tuple[trio.lowlevel.Task, trio.CancelScope]] = {}
+        """Idle pooled tasks: the waiter each waits on, its task and its cancel scope."""
         self._ready: collections.deque[tuple[bytes, m.CallRequest]] = collections.deque()
         """Admitted async calls waiting for a pooled task to take them."""
         self._runners = 0
@@ -920,11 +922,7 @@ class ChildWorker:
                 reply = self._run_inline(call, name)  # type: ignore[arg-type]
             finally:
                 _caller.reset(token)
-            if self._replied_in_drain or self._held_replies:
-                self._held_replies.append((identity, m.encode(reply)))
-            else:
-                self._replied_in_drain = True
-                self._reply_now(identity, reply)
+            self._answer_in_drain(identity, reply)
         elif self._active >= self.max_concurrency:
             self._backlog.append((identity, call))
             # A thread that finished just before the append saw no call waiting (it asks
@@ -943,10 +941,47 @@ class ChildWorker:
             job = _SyncJob(identity, call, getattr(self, call.function or ""))
             self._sync_jobs[call.id] = job
             self._threads.submit(job)
-        else:
+        elif self._ready or self._backlog or not self._start_here(identity, call):
             self._ready.append((identity, call))
             if not self._runners and not self._summoned:
                 self._summon_runner()
+
+    def _start_here(self, identity: bytes, call: m.CallRequest) -> bool:
+        """Run an async call's first step at once when this task is the idle pooled task
+        reading the socket (the usual case for a caller that waits for each reply).
+
+        A handler that returns without awaiting is answered right here, like an inline
+        one, with no task switch and no trip out of the drain. One that awaits was
+        started in the right task: its task takes it over from ``_wait_idle`` and
+        resumes it where it stopped. False when another task is draining; the caller then
+        queues the call.
+        """
+        channel = self._channel
+        leader = channel.leader if channel is not None else None
+        if channel is None or not isinstance(leader, TrioWaiter):
+            return False
+        runner = self._idle_tasks.get(leader)
+        if runner is None or runner[0] is not trio.lowlevel.current_task():
+            return False
+        _caller.set(identity)  # this task is the pooled task that runs the call
+        try:
+            steps = _handler_steps(getattr(self, call.function or "")(*call.args))
+            try:
+                trap = steps.send(None)
+            except StopIteration as done:
+                reply = self._reply_to_returned(call.id, done.value)
+            else:
+                self._running[call.id] = runner[1]  # a cancel may come before it resumes
+                del self._idle_tasks[leader]
+                leader.value = _Started(identity, call, steps, trap)
+                self._summoned += 1
+                channel.wake(leader)
+                return True
+        except Exception as exc:
+            reply = self._reply_to_raised(call.id, exc)
+        self._answer_in_drain(identity, reply)
+        self._release()
+        return True
 
     def _summon_runner(self) -> None:
         """Get a pooled task to take calls from ``_ready``: the idle task reading the
@@ -979,14 +1014,32 @@ class ChildWorker:
             identity, call = backlog.popleft()
             self._dispatch(identity, call, self._functions.get(call.function or "", "thread"))
 
+    def _answer_in_drain(self, identity: bytes, reply: m.WireMap) -> None:
+        """Answer a call handled within the drain that read it: the first reply of a drain
+        goes at once, later ones wait for its end (see ``_end_of_drain``)."""
+        if self._replied_in_drain or self._held_replies:
+            self._held_replies.append((identity, m.encode(reply)))
+        else:
+            self._replied_in_drain = True
+            self._reply_now(identity, reply)
+
     def _run_inline(self, call: m.CallRequest, name: str) -> m.WireMap:
         try:
-            reply = m.make_response(call.id, getattr(self, name)(*call.args))
+            return self._reply_to_returned(call.id, getattr(self, name)(*call.args))
         except Exception as exc:
-            self.counters.calls_failed += 1
-            return m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
+            return self._reply_to_raised(call.id, exc)
+
+    def _reply_to_returned(self, call_id: str, result: Any) -> m.WireMap:
+        """The reply to a handler that returned (raises EncodeError for a result that
+        cannot be sent)."""
+        reply = m.make_response(call_id, result)
         self.counters.calls_succeeded += 1
         return reply
+
+    def _reply_to_raised(self, call_id: str, exc: Exception) -> m.WireMap:
+        """The reply to a handler that raised ``exc`` (call while handling it)."""
+        self.counters.calls_failed += 1
+        return m.make_error(call_id, m.format_exception_text(exc, traceback.format_exc()))
 
     def _send_from_thread(self, job: _SyncJob) -> bool:
         """A worker thread's reply goes out directly unless the loop must send it: the reply
@@ -1020,18 +1073,23 @@ class ChildWorker:
         one task step when their handlers do not block; when one blocks, ``_ReadyWatch``
         sees calls waiting before the scheduler waits and summons another task for them.
         Waking a waiting task is far cheaper than starting one per call, and an idle task
-        that reads the socket itself (``Channel.wait_for``) goes on to run the calls it
-        reads without any task switch at all. One cancel scope serves call after call
-        until a ``cancel`` message uses it up: entering a trio cancel scope costs more
-        (about 13 us) than a short handler.
+        that reads the socket itself (``Channel.wait_for``) runs the first step of a call
+        it reads right away, without any task switch (``_start_here``). One cancel scope
+        serves call after call until a ``cancel`` message uses it up: entering a trio
+        cancel scope costs more (about 13 us) than a short handler.
         """
         ready = self._ready
         self._summoned -= 1
+        started: _Started | None = None
         while True:
             with trio.CancelScope() as scope:
                 while True:
                     self._runners += 1
                     try:
+                        if started is not None:  # first, with no checkpoint before it
+                            first, started = started, None
+                            await self._run_async(first.identity, first.call, scope, first)
+                            self._release()
                         while ready and not scope.cancel_called:
                             identity, call = ready.popleft()
                             await self._run_async(identity, call, scope)
@@ -1040,38 +1098,54 @@ class ChildWorker:
                         self._runners -= 1
                     if scope.cancel_called:  # came too late to stop its handler: renew
                         break
-                    await self._wait_idle()
+                    started = await self._wait_idle(scope)
             if scope.cancelled_caught:
                 self.counters.calls_cancelled += 1
                 self._release()
 
-    async def _wait_idle(self) -> None:
-        """Wait until summoned (see ``_summon_runner``)."""
+    async def _wait_idle(self, scope: trio.CancelScope) -> _Started | None:
+        """Wait until summoned (see ``_summon_runner``); returns the call whose first step
+        ran in this task meanwhile, if one did (see ``_start_here``)."""
         channel = self._channel
         assert channel is not None
         waiter = TrioWaiter()
         idle = self._idle_tasks
-        idle[waiter] = None
+        idle[waiter] = (trio.lowlevel.current_task(), scope)
         try:
-            await channel.wait_for(waiter)
+            slept = await channel.wait_for(waiter, checkpoint=False)
+        except BaseException:
+            if isinstance(waiter.value, _Started):  # the worker is going down: end it
+                with contextlib.suppress(RuntimeError):
+                    waiter.value.steps.close()
+            raise
         finally:
             if not waiter.done:
                 del idle[waiter]
         self._summoned -= 1
+        started: _Started | None = waiter.value
+        if started is None and not slept:
+            await trio.lowlevel.checkpoint()
+        return started
 
     async def _run_async(
-        self, identity: bytes, call: m.CallRequest, scope: trio.CancelScope
+        self,
+        identity: bytes,
+        call: m.CallRequest,
+        scope: trio.CancelScope,
+        started: _Started | None = None,
     ) -> None:
-        """Run one call in ``scope`` (a ``cancel`` message for it cancels the scope)."""
-        method = getattr(self, call.function or "")
-        _caller.set(identity)  # this pooled task runs one call at a time
+        """Run one call in ``scope`` (a ``cancel`` message for it cancels the scope), or
+        finish one whose first step already ran in this task."""
         self._running[call.id] = scope
         try:
-            reply = m.make_response(call.id, await method(*call.args))
-            self.counters.calls_succeeded += 1
+            if started is None:
+                _caller.set(identity)  # this pooled task runs one call at a time
+                result = await getattr(self, call.function or "")(*call.args)
+            else:
+                result = await _resume(started.steps, started.trap)
+            reply = self._reply_to_returned(call.id, result)
         except Exception as exc:
-            self.counters.calls_failed += 1
-            reply = m.make_error(call.id, m.format_exception_text(exc, traceback.format_exc()))
+            reply = self._reply_to_raised(call.id, exc)
         finally:
             self._running.pop(call.id, None)
         queued = self._send_reply(identity, m.encode(reply))
@@ -1114,6 +1188,51 @@ class ChildWorker:
                 self.counters.replies_undeliverable += 1
             self._parents.pop(identity, None)
             return True
+
+
+@dataclass(slots=True)
+class _Started:
+    """An async call whose first step ran in the drain that read it, and awaits: the task
+    that ran it resumes it (``_resume``) with ``trap``, what the step handed to trio."""
+
+    identity: bytes
+    call: m.CallRequest
+    steps: Coroutine[Any, Any, Any] | Generator[Any, Any, Any]
+    trap: Any
+
+
+def _handler_steps(awaitable: Any) -> Coroutine[Any, Any, Any] | Generator[Any, Any, Any]:
+    """What to step an async handler's result through: the coroutine itself, or the
+    iterator of another awaitable (a function marked as a coroutine function)."""
+    if type(awaitable) is types.CoroutineType:
+        return awaitable
+    steps: Generator[Any, Any, Any] = awaitable.__await__()
+    return steps
+
+
+@types.coroutine
+def _resume(
+    steps: Coroutine[Any, Any, Any] | Generator[Any, Any, Any], trap: Any
+) -> Generator[Any, Any, Any]:
+    """Finish a handler whose first step already ran in this task, as ``await`` would:
+    hand trio the step's ``trap``, then pass what trio sends or throws back to the handler,
+    until it returns."""
+    while True:
+        try:
+            sent = yield trap
+        except GeneratorExit:
+            steps.close()
+            raise
+        except BaseException as exc:
+            try:
+                trap = steps.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = steps.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 _RESERVED_NAMES: Final = frozenset(

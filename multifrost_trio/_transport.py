@@ -383,15 +383,18 @@ class Channel:
         if task is not None:
             trio.lowlevel.reschedule(task)
 
-    async def wait_for(self, waiter: Waiter | TrioWaiter) -> None:
+    async def wait_for(self, waiter: Waiter | TrioWaiter, *, checkpoint: bool = True) -> bool:
         """Wait until ``waiter`` is woken (by ``on_frames`` or anyone else).
 
         On trio, if no other caller is reading, read the socket meanwhile (see the class
-        docstring). Whoever wakes the waiter must do so through :meth:`wake`.
+        docstring). Whoever wakes the waiter must do so through :meth:`wake`. Returns
+        whether the task slept; with ``checkpoint=False`` a waiter woken before any sleep
+        (by messages already queued) returns at once, without a checkpoint: the caller
+        then either continues what a handler began in this very step, or checkpoints.
         """
         if self._leader is not None or not self._on_trio or self._closed or waiter.done:
             await waiter.wait()
-            return
+            return True
         fd = self._fd
         slept = False
         try:
@@ -413,10 +416,11 @@ class Channel:
                 self.drain(expect_message=True, until=waiter)
         finally:
             self._leader = None
-        if not slept:
+        if not slept and checkpoint:
             await trio.lowlevel.checkpoint()
         if not waiter.done:
             raise ChannelClosed("channel is closed")
+        return slept
 
     def wake(self, waiter: Waiter | TrioWaiter) -> None:
         """Wake ``waiter``; if its task is sleeping on the socket, stop that too.

@@ -5,12 +5,15 @@ from __future__ import annotations
 import collections
 import math
 import random
+import types
+from collections.abc import Generator
 from typing import Any
 
 import anyio
 import pytest
 
 import multifrost_trio as mf
+from multifrost_trio._child import _handler_steps, _resume
 from tests.conftest import worker_path
 
 pytestmark = pytest.mark.anyio
@@ -168,6 +171,92 @@ async def test_async_handlers_that_block_run_at_the_same_time(size: int) -> None
                     for index in range(20):  # quick calls in between are answered too
                         assert await worker.call.add_async(index, 1) == index + 1
                 assert results == [size] * size
+
+
+async def test_async_handlers_keep_their_task_scopes_and_nurseries_past_their_first_await() -> None:
+    """An async handler's first step may run in the drain that read its call (in the task
+    that then finishes it): whatever it set up before its first await keeps working, one
+    call at a time and with many at once."""
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            for _ in range(3):
+                assert await worker.call.same_task() is True
+                assert await worker.call.scoped_nap(0.01) is True
+                assert await worker.call.nursery_sum(5) == 10
+                assert await worker.call.add_in_thread(2, 3) == 5
+                assert await worker.call.add_async(2, 3) == 5
+            results: list[Any] = []
+
+            async def one(index: int) -> None:
+                results.append(await worker.call.same_task())
+                results.append(await worker.call.nursery_sum(index % 4) == sum(range(index % 4)))
+                results.append(await worker.call.add_in_thread(index, 1) == index + 1)
+
+            async with anyio.create_task_group() as tg:
+                for index in range(40):
+                    tg.start_soon(one, index)
+            assert results == [True] * 120
+            stats = await worker.call.stats()
+            assert stats["calls_failed"] == 0
+
+
+def test_a_handler_resumed_after_its_first_step_gets_what_await_would_give_it() -> None:
+    """``_resume`` hands the first step's trap on unchanged, then passes every value and
+    exception sent in to the handler, and closes it when closed."""
+    closed: list[str] = []
+
+    @types.coroutine
+    def pause(label: str) -> Generator[str, Any, Any]:
+        return (yield label)
+
+    async def handler() -> tuple[Any, str]:
+        try:
+            first = await pause("a")
+            try:
+                await pause("b")
+            except ValueError as exc:
+                return first, str(exc)
+            await pause("c")
+            return first, "not thrown"
+        finally:
+            closed.append("finally")
+
+    steps = handler()
+    trap = steps.send(None)  # the first step, as the drain that read the call runs it
+    resumed = _resume(steps, trap)
+    assert resumed.send(None) == "a"
+    assert resumed.send(1) == "b"
+    with pytest.raises(StopIteration) as done:
+        resumed.throw(ValueError("boom"))
+    assert done.value.value == (1, "boom")
+
+    steps = handler()
+    resumed = _resume(steps, steps.send(None))
+    assert resumed.send(None) == "a"
+    resumed.close()
+    assert closed == ["finally", "finally"]
+
+
+def test_an_awaitable_that_is_not_a_coroutine_is_stepped_through_its_iterator() -> None:
+    class Doubling:
+        def __await__(self) -> Generator[str, int, int]:
+            value = yield "trap"
+            return value * 2
+
+    steps = _handler_steps(Doubling())
+    assert steps.send(None) == "trap"
+    with pytest.raises(StopIteration) as done:
+        steps.send(21)
+    assert done.value.value == 42
+
+
+async def test_an_async_handler_whose_result_cannot_be_sent_gets_an_error_reply() -> None:
+    with anyio.fail_after(30):
+        async with mf.open_worker(ECHO, options=QUIET) as worker:
+            with pytest.raises(mf.RemoteCallError, match="cannot be sent") as info:
+                await worker.call.unsendable_async()
+            assert info.value.remote_type == "EncodeError"
+            assert await worker.call.add_async(1, 1) == 2
 
 
 async def test_sync_handlers_that_block_get_threads_of_their_own() -> None:

@@ -48,6 +48,37 @@ class EchoWorker(ChildWorker):
         await trio.sleep(0)
         return a + b
 
+    async def same_task(self) -> bool:
+        """Whether the task that began this handler is the one that finishes it."""
+        first = trio.lowlevel.current_task()
+        await trio.sleep(0)
+        return trio.lowlevel.current_task() is first
+
+    async def scoped_nap(self, limit: float) -> bool:
+        """A cancel scope of the handler's own, entered before its first await."""
+        with trio.move_on_after(limit) as scope:
+            await trio.sleep(10)
+        return scope.cancelled_caught
+
+    async def nursery_sum(self, count: int) -> int:
+        """A nursery opened before the handler's first await, with children that await."""
+        found: list[int] = []
+
+        async def child(value: int) -> None:
+            await trio.sleep(0)
+            found.append(value)
+
+        async with trio.open_nursery() as nursery:
+            for value in range(count):
+                nursery.start_soon(child, value)
+        return sum(found)
+
+    async def add_in_thread(self, a: int, b: int) -> int:
+        return await trio.to_thread.run_sync(int.__add__, a, b)
+
+    async def unsendable_async(self) -> object:
+        return object()
+
     async def sleep(self, seconds: float) -> str:
         try:
             await trio.sleep(seconds)

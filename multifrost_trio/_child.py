@@ -971,7 +971,11 @@ class ChildWorker:
             except StopIteration as done:
                 reply = self._reply_to_returned(call.id, done.value)
             else:
-                self._running[call.id] = runner[1]  # a cancel may come before it resumes
+                # Nothing may run in this task before it hands ``trap`` to trio: code that
+                # reschedules it (an inline handler setting what it waits for) or delivers
+                # a cancel would find trio's record of its wait not yet made.
+                channel.stop_draining()
+                self._running[call.id] = runner[1]
                 del self._idle_tasks[leader]
                 leader.value = _Started(identity, call, steps, trap)
                 self._summoned += 1
@@ -1218,21 +1222,19 @@ def _resume(
     hand trio the step's ``trap``, then pass what trio sends or throws back to the handler,
     until it returns."""
     while True:
+        sent: Any = None
+        thrown: BaseException | None = None
         try:
             sent = yield trap
         except GeneratorExit:
             steps.close()
             raise
         except BaseException as exc:
-            try:
-                trap = steps.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                trap = steps.send(sent)
-            except StopIteration as done:
-                return done.value
+            thrown = exc  # thrown in below, once this handler no longer shows as active
+        try:
+            trap = steps.send(sent) if thrown is None else steps.throw(thrown)
+        except StopIteration as done:
+            return done.value
 
 
 _RESERVED_NAMES: Final = frozenset(

@@ -210,6 +210,7 @@ class Channel:
         self._recv_frame: Callable[[int, bool], zmq.Frame] = _BaseSocket.recv.__get__(sock)
         self._draining = False
         self._drain_owed = False
+        self._stop_requested = False
         self._closed = False
         self._send_waiters: list[_SendWaiter] = []
         self._on_trio = trio.lowlevel.in_trio_run()
@@ -264,6 +265,10 @@ class Channel:
                 if frames is not None:
                     on_frames(frames)
             while True:
+                if self._stop_requested:
+                    self._stop_requested = False
+                    self._drain_owed = True
+                    return
                 if until is not None and until.done and not self._send_waiters:
                     self._drain_owed = True
                     return
@@ -284,6 +289,12 @@ class Channel:
                 self._on_drained()
         if self._send_waiters and events & _POLLOUT:
             self._wake_senders(None)
+
+    def stop_draining(self) -> None:
+        """Make the running drain return once the message it is handing over is handled
+        (called from ``on_frames``): its task has to go on before it reads anything more.
+        The drain is then owed, and paid as usual."""
+        self._stop_requested = True
 
     def _schedule_continuation(self) -> None:
         """Drain again once the tasks already runnable have had their turn."""

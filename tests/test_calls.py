@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import random
+import sys
 import types
 from collections.abc import Generator
 from typing import Any
@@ -179,6 +180,8 @@ async def test_async_handlers_keep_their_task_scopes_and_nurseries_past_their_fi
     call at a time and with many at once."""
     with anyio.fail_after(30):
         async with mf.open_worker(ECHO, options=QUIET) as worker:
+            assert await worker.call.add_async(1, 1) == 2  # its task then reads the socket
+            assert await worker.call.began_in_drain() is True
             for _ in range(3):
                 assert await worker.call.same_task() is True
                 assert await worker.call.scoped_nap(0.01) is True
@@ -209,15 +212,17 @@ def test_a_handler_resumed_after_its_first_step_gets_what_await_would_give_it() 
     def pause(label: str) -> Generator[str, Any, Any]:
         return (yield label)
 
-    async def handler() -> tuple[Any, str]:
+    async def handler() -> tuple[Any, str, Any]:
         try:
             first = await pause("a")
             try:
                 await pause("b")
             except ValueError as exc:
-                return first, str(exc)
-            await pause("c")
-            return first, "not thrown"
+                caught = str(exc)
+            else:
+                await pause("c")
+                caught = "not thrown"
+            return first, caught, sys.exc_info()[1]  # nothing is being handled any more
         finally:
             closed.append("finally")
 
@@ -228,7 +233,7 @@ def test_a_handler_resumed_after_its_first_step_gets_what_await_would_give_it() 
     assert resumed.send(1) == "b"
     with pytest.raises(StopIteration) as done:
         resumed.throw(ValueError("boom"))
-    assert done.value.value == (1, "boom")
+    assert done.value.value == (1, "boom", None)
 
     steps = handler()
     resumed = _resume(steps, steps.send(None))

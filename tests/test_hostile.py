@@ -208,6 +208,39 @@ def shared(child: Child) -> Iterator[Child]:
     child.assert_quiet()
 
 
+# --------------------------------------------------------------------------- timing
+
+
+def test_messages_read_with_a_call_whose_first_step_parked_cannot_break_it(
+    fresh_child: Child, tmp_path: Path
+) -> None:
+    """While a handler holds the worker's loop, three messages queue: an async call whose
+    first step parks on an event, an inline call that sets that event, and a cancel for
+    the first. They are read together, right where the first one's step may run at once:
+    the worker must stay up, answer the inline call, and either answer the parked call or
+    drop it as cancelled."""
+    marker = tmp_path / "stalling"
+    stall = m.make_call("stall", [1.0, str(marker)])
+    fresh_child.send(m.encode(stall))
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the stall never began"
+        time.sleep(0.005)
+    parked, setter = m.make_call("wait_flag", []), m.make_call("set_flag", [])
+    for message in (parked, setter, m.make_cancel(parked["id"])):
+        fresh_child.send(m.encode(message))
+    # The parked call, if not cancelled in time, may finish after the first probe.
+    replies = fresh_child.replies_before_probe() + fresh_child.replies_before_probe()
+    by_id = {reply["id"]: reply for reply in replies}
+    assert len(by_id) == len(replies)
+    assert by_id.pop(stall["id"])["result"] == "stalled"
+    assert by_id.pop(setter["id"])["result"] == "set"
+    assert all(reply["result"] == "flagged" for reply in by_id.values())
+    assert set(by_id) <= {parked["id"]}
+    fresh_child.assert_alive()
+    fresh_child.assert_quiet()
+
+
 # --------------------------------------------------------------------------- garbage
 
 

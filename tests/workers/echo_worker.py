@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -22,6 +23,7 @@ class EchoWorker(ChildWorker):
     def __init__(self) -> None:
         super().__init__()
         self.cancelled = trio.Event()
+        self.flag = trio.Event()
         self.finally_ran = 0
         self.meetings: dict[str, list[Any]] = {}
         self.barriers: dict[str, threading.Barrier] = {}
@@ -54,6 +56,10 @@ class EchoWorker(ChildWorker):
         await trio.sleep(0)
         return trio.lowlevel.current_task() is first
 
+    async def began_in_drain(self) -> bool:
+        """Whether this handler's first step ran inside the drain that read its call."""
+        return self._channel is not None and self._channel._draining
+
     async def scoped_nap(self, limit: float) -> bool:
         """A cancel scope of the handler's own, entered before its first await."""
         with trio.move_on_after(limit) as scope:
@@ -78,6 +84,24 @@ class EchoWorker(ChildWorker):
 
     async def unsendable_async(self) -> object:
         return object()
+
+    async def stall(self, seconds: float, marker: str) -> str:
+        """After its first await, write ``marker`` and hold the whole event loop for
+        ``seconds``: messages sent meanwhile wait to be read together."""
+        await trio.sleep(0)
+        Path(marker).write_text("stalling")  # noqa: ASYNC240 (holding the loop is the point)
+        time.sleep(seconds)  # noqa: ASYNC251
+        return "stalled"
+
+    async def wait_flag(self) -> str:
+        await self.flag.wait()
+        self.flag = trio.Event()
+        return "flagged"
+
+    @inline
+    def set_flag(self) -> str:
+        self.flag.set()
+        return "set"
 
     async def sleep(self, seconds: float) -> str:
         try:

@@ -1025,7 +1025,7 @@ class ChildWorker:
             self._held_replies.append((identity, m.encode(reply)))
         else:
             self._replied_in_drain = True
-            self._reply_now(identity, reply)
+            self._send_reply(identity, m.encode(reply))
 
     def _run_inline(self, call: m.CallRequest, name: str) -> m.WireMap:
         try:

@@ -334,19 +334,21 @@ class CallRequest:
         function = raw.get("function")
         args = raw.get("args")
         namespace = raw.get("namespace", DEFAULT_NAMESPACE)
+        name, js_name = raw.get("client_name"), raw.get("clientName")
         typed = type(call_id) is str and type(function) is str and type(namespace) is str
-        if typed and type(args) is list and plain_core(raw) and _plain_client_name(raw):
+        if (
+            typed
+            and type(args) is list
+            and (name is None or type(name) is str)
+            and (js_name is None or type(js_name) is str)
+            and plain_core(raw)
+        ):
             return cls(call_id, function, args, namespace)  # type: ignore[arg-type]
         return None
 
     @classmethod
     def from_message(cls, message: CallMessage) -> CallRequest:
         return cls(message.id, message.function, message.args, message.namespace)
-
-
-def _plain_client_name(raw: dict[str, Any]) -> bool:
-    name, js_name = raw.get("client_name"), raw.get("clientName")
-    return (name is None or type(name) is str) and (js_name is None or type(js_name) is str)
 
 
 # --------------------------------------------------------------------------- constructors
@@ -376,12 +378,15 @@ def make_call(
 def make_response(call_id: str, result: Any) -> WireMap:
     """The reply to ``call_id``; checks the result (raises :class:`EncodeError`).
     ``result`` is sent even when it is None."""
+    kind = type(result)
+    if not (kind is str or (kind is int and _INT64_MIN <= result <= _INT64_MAX)):
+        result = to_wire_value(result)  # the usual results are taken without a call
     return {
         "app": APP_ID,
         "id": call_id,
         "type": "response",
         "timestamp": time.time(),
-        "result": to_wire_value(result),
+        "result": result,
     }
 
 

@@ -953,8 +953,8 @@ class ChildWorker:
         A handler that returns without awaiting is answered right here, like an inline
         one, with no task switch and no trip out of the drain. One that awaits was
         started in the right task: its task takes it over from ``_wait_idle`` and
-        resumes it where it stopped. False when another task is draining; the caller then
-        queues the call.
+        resumes it where it stopped. False when the drain is not such a task's own; the
+        caller then queues the call.
         """
         channel = self._channel
         leader = channel.leader if channel is not None else None
@@ -1116,7 +1116,7 @@ class ChildWorker:
         idle = self._idle_tasks
         idle[waiter] = (trio.lowlevel.current_task(), scope)
         try:
-            slept = await channel.wait_for(waiter, checkpoint=False)
+            checkpointed = await channel.wait_for(waiter, checkpoint=False)
         except BaseException:
             if isinstance(waiter.value, _Started):  # the worker is going down: end it
                 with contextlib.suppress(RuntimeError):
@@ -1127,7 +1127,7 @@ class ChildWorker:
                 del idle[waiter]
         self._summoned -= 1
         started: _Started | None = waiter.value
-        if started is None and not slept:
+        if started is None and not checkpointed:
             await trio.lowlevel.checkpoint()
         return started
 

@@ -399,9 +399,9 @@ class Channel:
 
         On trio, if no other caller is reading, read the socket meanwhile (see the class
         docstring). Whoever wakes the waiter must do so through :meth:`wake`. Returns
-        whether the task slept; with ``checkpoint=False`` a waiter woken before any sleep
-        (by messages already queued) returns at once, without a checkpoint: the caller
-        then either continues what a handler began in this very step, or checkpoints.
+        whether it passed a checkpoint: always, except with ``checkpoint=False`` when the
+        waiter was woken before any sleep (by messages already queued); the caller then
+        either continues what a handler began in this very step, or checkpoints itself.
         """
         if self._leader is not None or not self._on_trio or self._closed or waiter.done:
             await waiter.wait()
@@ -429,6 +429,7 @@ class Channel:
             self._leader = None
         if not slept and checkpoint:
             await trio.lowlevel.checkpoint()
+            slept = True
         if not waiter.done:
             raise ChannelClosed("channel is closed")
         return slept

@@ -645,8 +645,8 @@ class ChildWorker:
         self._parents: dict[bytes, None] = {}
         self._running: dict[str, trio.CancelScope] = {}
         self._sync_jobs: dict[str, _SyncJob] = {}
-        self._idle_tasks: dict[TrioWaiter, tuple[trio.lowlevel.Task, trio.CancelScope]] = {}
-        """Idle pooled tasks: the waiter each waits on, its task and its cancel scope."""
+        self._idle_tasks: dict[TrioWaiter, trio.CancelScope] = {}
+        """Idle pooled tasks: the waiter each waits on, and its cancel scope."""
         self._ready: collections.deque[tuple[bytes, m.CallRequest]] = collections.deque()
         """Admitted async calls waiting for a pooled task to take them."""
         self._runners = 0
@@ -957,30 +957,27 @@ class ChildWorker:
         caller then queues the call.
         """
         channel = self._channel
-        leader = channel.leader if channel is not None else None
-        if channel is None or not isinstance(leader, TrioWaiter):
+        if channel is None or not channel.leader_draining:
             return False
-        runner = self._idle_tasks.get(leader)
-        if runner is None or runner[0] is not trio.lowlevel.current_task():
+        leader = channel.leader
+        if not isinstance(leader, TrioWaiter) or (scope := self._idle_tasks.get(leader)) is None:
             return False
         _caller.set(identity)  # this task is the pooled task that runs the call
+        returned: list[Any] = []
         try:
-            steps = _handler_steps(getattr(self, call.function or "")(*call.args))
-            try:
-                trap = steps.send(None)
-            except StopIteration as done:
-                reply = self._reply_to_returned(call.id, done.value)
-            else:
+            steps = _first_step(getattr(self, call.function or "")(*call.args), returned)
+            for trap in steps:  # one step: a return ends the loop (without StopIteration)
                 # Nothing may run in this task before it hands ``trap`` to trio: code that
                 # reschedules it (an inline handler setting what it waits for) or delivers
                 # a cancel would find trio's record of its wait not yet made.
                 channel.stop_draining()
-                self._running[call.id] = runner[1]
+                self._running[call.id] = scope
                 del self._idle_tasks[leader]
-                leader.value = _Started(identity, call, steps, trap)
+                leader.value = _Started(identity, call, steps, trap, returned)
                 self._summoned += 1
                 channel.wake(leader)
                 return True
+            reply = self._reply_to_returned(call.id, returned[0])
         except Exception as exc:
             reply = self._reply_to_raised(call.id, exc)
         self._answer_in_drain(identity, reply)
@@ -1114,7 +1111,7 @@ class ChildWorker:
         assert channel is not None
         waiter = TrioWaiter()
         idle = self._idle_tasks
-        idle[waiter] = (trio.lowlevel.current_task(), scope)
+        idle[waiter] = scope
         try:
             checkpointed = await channel.wait_for(waiter, checkpoint=False)
         except BaseException:
@@ -1146,7 +1143,8 @@ class ChildWorker:
                 _caller.set(identity)  # this pooled task runs one call at a time
                 result = await getattr(self, call.function or "")(*call.args)
             else:
-                result = await _resume(started.steps, started.trap)
+                await _resume(started.steps, started.trap)
+                result = started.returned[0]
             reply = self._reply_to_returned(call.id, result)
         except Exception as exc:
             reply = self._reply_to_raised(call.id, exc)
@@ -1201,17 +1199,23 @@ class _Started:
 
     identity: bytes
     call: m.CallRequest
-    steps: Coroutine[Any, Any, Any] | Generator[Any, Any, Any]
+    steps: Generator[Any, Any, None]
     trap: Any
+    returned: list[Any]
+    """Receives the handler's result when it returns."""
 
 
-def _handler_steps(awaitable: Any) -> Coroutine[Any, Any, Any] | Generator[Any, Any, Any]:
-    """What to step an async handler's result through: the coroutine itself, or the
-    iterator of another awaitable (a function marked as a coroutine function)."""
-    if type(awaitable) is types.CoroutineType:
-        return awaitable
-    steps: Generator[Any, Any, Any] = awaitable.__await__()
-    return steps
+@types.coroutine
+def _first_step(awaitable: Any, returned: list[Any]) -> Generator[Any, Any, None]:
+    """Step an async handler's result (a coroutine, or another awaitable from a function
+    marked as a coroutine function) and put its result in ``returned``.
+
+    Iterated with ``for``, a handler that returns at once ends the loop with no exception
+    made (``send`` would raise StopIteration, which costs more than the whole step); one
+    that awaits hands over its trap, and this generator is then resumed like the handler.
+    """
+    steps: Any = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
+    returned.append((yield from steps))
 
 
 @types.coroutine

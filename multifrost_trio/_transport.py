@@ -216,6 +216,9 @@ class Channel:
         self._on_trio = trio.lowlevel.in_trio_run()
         self._leader: Waiter | TrioWaiter | None = None
         self._leader_sleeping = False
+        self.leader_draining = False
+        """The drain running now is the leader's own, in the leader's task (read by
+        ``on_frames``: work begun here is the leader task's)."""
         self._parked_reader: trio.lowlevel.Task | None = None
         self._lock = threading.Lock()
         """Held around every use of the socket: threads may send on it (``send_from_thread``)."""
@@ -412,7 +415,9 @@ class Channel:
             self._leader = waiter  # inside the try: a Ctrl-C just after must not leave it set
             # Every zmq call here is followed by a drain, or leaves one owed.
             if self._drain_owed:
+                self.leader_draining = True
                 self.settle_owed_drain(drain_now=True)
+                self.leader_draining = False
             while not waiter.done and not self._closed:
                 slept = True
                 self._leader_sleeping = True
@@ -424,9 +429,12 @@ class Channel:
                     continue
                 finally:
                     self._leader_sleeping = False
+                self.leader_draining = True
                 self.drain(expect_message=True, until=waiter)
+                self.leader_draining = False
         finally:
             self._leader = None
+            self.leader_draining = False
         if not slept and checkpoint:
             await trio.lowlevel.checkpoint()
             slept = True

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 import multifrost_trio as mf
-from multifrost_trio._child import _handler_steps, _resume
+from multifrost_trio._child import _first_step, _resume
 from tests.conftest import worker_path
 
 pytestmark = pytest.mark.anyio
@@ -242,17 +242,35 @@ def test_a_handler_resumed_after_its_first_step_gets_what_await_would_give_it() 
     assert closed == ["finally", "finally"]
 
 
-def test_an_awaitable_that_is_not_a_coroutine_is_stepped_through_its_iterator() -> None:
-    class Doubling:
+def test_a_first_step_gives_the_result_trap_or_error_of_any_awaitable() -> None:
+    """``_first_step`` runs a handler's first step under ``for``: a handler that returns at
+    once ends the loop with its result kept, one that awaits hands over its trap and then
+    goes on when sent to, and one that raises raises from the loop."""
+
+    async def returns_at_once() -> int:
+        return 5
+
+    async def raises_at_once() -> None:
+        raise ValueError("first step")
+
+    class Doubling:  # an awaitable that is not a coroutine
         def __await__(self) -> Generator[str, int, int]:
             value = yield "trap"
             return value * 2
 
-    steps = _handler_steps(Doubling())
-    assert steps.send(None) == "trap"
-    with pytest.raises(StopIteration) as done:
+    returned: list[Any] = []
+    assert list(_first_step(returns_at_once(), returned)) == []
+    assert returned == [5]
+
+    with pytest.raises(ValueError, match="first step"):
+        list(_first_step(raises_at_once(), []))
+
+    returned = []
+    steps = _first_step(Doubling(), returned)
+    assert next(iter(steps)) == "trap"
+    with pytest.raises(StopIteration):
         steps.send(21)
-    assert done.value.value == 42
+    assert returned == [42]
 
 
 async def test_an_async_handler_whose_result_cannot_be_sent_gets_an_error_reply() -> None:

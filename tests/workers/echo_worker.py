@@ -57,8 +57,9 @@ class EchoWorker(ChildWorker):
         return trio.lowlevel.current_task() is first
 
     async def began_in_drain(self) -> bool:
-        """Whether this handler's first step ran inside the drain that read its call."""
-        return self._channel is not None and self._channel._draining
+        """Whether this handler's first step ran inside the drain that read its call, the
+        leader task's own."""
+        return self._channel is not None and self._channel.leader_draining
 
     async def scoped_nap(self, limit: float) -> bool:
         """A cancel scope of the handler's own, entered before its first await."""

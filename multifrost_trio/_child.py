@@ -980,6 +980,7 @@ class ChildWorker:
             reply = self._reply_to_returned(call.id, returned[0])
         except Exception as exc:
             reply = self._reply_to_raised(call.id, exc)
+        _caller.set(None)  # the task is idle again: later output of it is nobody's
         self._answer_in_drain(identity, reply)
         self._release()
         return True
@@ -1151,6 +1152,7 @@ class ChildWorker:
             reply = self._reply_to_raised(call.id, exc)
         finally:
             self._running.pop(call.id, None)
+            _caller.set(None)
         queued = self._send_reply(identity, m.encode(reply))
         if queued is not None:
             await queued.sent.wait()  # backpressure: the slot stays taken until it left

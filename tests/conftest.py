@@ -13,6 +13,12 @@ import pytest
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 
+# A shell starts background jobs with SIGINT ignored, and processes inherit that: Python
+# then installs no KeyboardInterrupt handler, and the Ctrl-C tests (which signal this
+# process or its children) could not pass. Restored so the suite runs the same either way.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def worker_path(name: str) -> str:
     """Path of a test worker script in tests/workers/."""

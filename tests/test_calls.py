@@ -188,6 +188,10 @@ async def test_async_handlers_keep_their_task_scopes_and_nurseries_past_their_fi
                 assert await worker.call.nursery_sum(5) == 10
                 assert await worker.call.add_in_thread(2, 3) == 5
                 assert await worker.call.add_async(2, 3) == 5
+            # Printed text of a task between calls belongs to no caller: after calls that
+            # finished in their first step, after ones resumed, and after many at once.
+            assert await worker.call.echo(1) == 1
+            assert await worker.call.tasks_with_a_caller() == 0
             results: list[Any] = []
 
             async def one(index: int) -> None:
@@ -199,6 +203,7 @@ async def test_async_handlers_keep_their_task_scopes_and_nurseries_past_their_fi
                 for index in range(40):
                     tg.start_soon(one, index)
             assert results == [True] * 120
+            assert await worker.call.tasks_with_a_caller() == 0
             stats = await worker.call.stats()
             assert stats["calls_failed"] == 0
 

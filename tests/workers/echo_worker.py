@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from multifrost_trio import ChildWorker, inline
+from multifrost_trio._child import _caller
 
 
 class _Unprintable(Exception):
@@ -60,6 +61,17 @@ class EchoWorker(ChildWorker):
         """Whether this handler's first step ran inside the drain that read its call, the
         leader task's own."""
         return self._channel is not None and self._channel.leader_draining
+
+    @inline
+    def tasks_with_a_caller(self) -> int:
+        """How many tasks other than this one would send printed text to a caller."""
+        found, tasks = 0, [trio.lowlevel.current_root_task()]
+        while tasks:
+            task = tasks.pop()
+            if task is not None and task is not trio.lowlevel.current_task():
+                found += task.context.get(_caller) is not None
+            tasks.extend(t for n in (task.child_nurseries if task else []) for t in n.child_tasks)
+        return found
 
     async def scoped_nap(self, limit: float) -> bool:
         """A cancel scope of the handler's own, entered before its first await."""

@@ -936,12 +936,13 @@ class ChildWorker:
         """Start a thread or async call; the caller has checked capacity."""
         if self._channel is None or self._channel.closed:
             return  # a call left in the backlog after the worker stopped: none can reply
-        self._active += 1
         if kind == "thread":
+            self._active += 1
             job = _SyncJob(identity, call, getattr(self, call.function or ""))
             self._sync_jobs[call.id] = job
             self._threads.submit(job)
         elif self._ready or self._backlog or not self._start_here(identity, call):
+            self._active += 1
             self._ready.append((identity, call))
             if not self._runners and not self._summoned:
                 self._summon_runner()
@@ -954,13 +955,15 @@ class ChildWorker:
         one, with no task switch and no trip out of the drain. One that awaits was
         started in the right task: its task takes it over from ``_wait_idle`` and
         resumes it where it stopped. False when the drain is not such a task's own; the
-        caller then queues the call.
+        caller then queues the call. Only a call that awaits takes a ``max_concurrency``
+        slot: one answered here gave it back before anything could ask for it.
         """
         channel = self._channel
         if channel is None or not channel.leader_draining:
             return False
-        leader = channel.leader
-        if not isinstance(leader, TrioWaiter) or (scope := self._idle_tasks.get(leader)) is None:
+        # The leader is an idle task's waiter, unless it was summoned earlier in this drain.
+        leader: TrioWaiter = channel.leader  # type: ignore[assignment]
+        if (scope := self._idle_tasks.get(leader)) is None:
             return False
         _caller.set(identity)  # this task is the pooled task that runs the call
         returned: list[Any] = []
@@ -971,6 +974,7 @@ class ChildWorker:
                 # reschedules it (an inline handler setting what it waits for) or delivers
                 # a cancel would find trio's record of its wait not yet made.
                 channel.stop_draining()
+                self._active += 1
                 self._running[call.id] = scope
                 del self._idle_tasks[leader]
                 leader.value = _Started(identity, call, steps, trap, returned)
@@ -982,7 +986,6 @@ class ChildWorker:
             reply = self._reply_to_raised(call.id, exc)
         _caller.set(None)  # the task is idle again: later output of it is nobody's
         self._answer_in_drain(identity, reply)
-        self._release()
         return True
 
     def _summon_runner(self) -> None:

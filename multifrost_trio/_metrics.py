@@ -65,21 +65,27 @@ def _percentile(ordered: list[float], fraction: float) -> float:
 
 
 class _Counts:
-    __slots__ = ("failed", "latencies", "success", "total")
+    __slots__ = ("ended_early", "failed", "latencies", "success")
 
     def __init__(self) -> None:
-        self.total = 0
         self.success = 0
         self.failed = 0
+        self.ended_early = 0
+        """Timed out or cancelled."""
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+
+    @property
+    def total(self) -> int:
+        return self.success + self.failed + self.ended_early
 
 
 class Metrics:
-    """Mutable recorder owned by one worker; cheap on the call path."""
+    """Mutable recorder owned by one worker; cheap on the call path (totals are summed
+    when a snapshot is taken)."""
 
     def __init__(self) -> None:
-        self._all = _Counts()
         self._functions: dict[str, _Counts] = {}
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.timeouts = 0
         self.cancelled = 0
         self.in_flight = 0
@@ -91,28 +97,37 @@ class Metrics:
         self._latency_min = float("inf")
         self._latency_max = 0.0
 
-    def record(self, function: str, outcome: Outcome, seconds: float) -> None:
-        """Count one finished call; only completed calls (success/failed) feed latency."""
+    def _counts(self, function: str) -> _Counts:
         counts = self._functions.get(function)
         if counts is None:
             counts = self._functions[function] = _Counts()
-        self._all.total += 1
-        counts.total += 1
-        if outcome == "timeout":
-            self.timeouts += 1
-            return
-        if outcome == "cancelled":
-            self.cancelled += 1
-            return
+        return counts
+
+    def record_success(self, function: str, seconds: float) -> None:
+        """Count one call answered with a result (the hot path)."""
+        counts = self._functions.get(function) or self._counts(function)
+        counts.success += 1
+        self._completed(counts, seconds * 1000.0)
+
+    def record(self, function: str, outcome: Outcome, seconds: float) -> None:
+        """Count one finished call; only completed calls (success/failed) feed latency."""
+        counts = self._counts(function)
         if outcome == "success":
-            self._all.success += 1
             counts.success += 1
-        else:
-            self._all.failed += 1
+        elif outcome == "failed":
             counts.failed += 1
-        ms = seconds * 1000.0
-        self._all.latencies.append(ms)
+        else:
+            counts.ended_early += 1
+            if outcome == "timeout":
+                self.timeouts += 1
+            else:
+                self.cancelled += 1
+            return
+        self._completed(counts, seconds * 1000.0)
+
+    def _completed(self, counts: _Counts, ms: float) -> None:
         counts.latencies.append(ms)
+        self._latencies.append(ms)
         self._latency_sum += ms
         if ms < self._latency_min:
             self._latency_min = ms
@@ -121,9 +136,11 @@ class Metrics:
 
     def snapshot(self, *, circuit_state: str = "closed", circuit_trips: int = 0) -> MetricsSnapshot:
         """Freeze the current figures."""
-        all_ = self._all
-        ordered = sorted(all_.latencies)
-        completed = all_.success + all_.failed
+        ordered = sorted(self._latencies)
+        success = sum(counts.success for counts in self._functions.values())
+        failed = sum(counts.failed for counts in self._functions.values())
+        total = success + failed + self.timeouts + self.cancelled
+        completed = success + failed
         rtts = self.heartbeat_rtts
         functions = {}
         for name, counts in self._functions.items():
@@ -137,12 +154,12 @@ class Metrics:
                 latency_p99_ms=_percentile(own, 0.99),
             )
         return MetricsSnapshot(
-            requests_total=all_.total,
-            requests_success=all_.success,
-            requests_failed=all_.failed,
+            requests_total=total,
+            requests_success=success,
+            requests_failed=failed,
             requests_timeout=self.timeouts,
             requests_cancelled=self.cancelled,
-            success_rate=all_.success / all_.total if all_.total else 1.0,
+            success_rate=success / total if total else 1.0,
             latency_avg_ms=self._latency_sum / completed if completed else 0.0,
             latency_min_ms=self._latency_min if completed else 0.0,
             latency_max_ms=self._latency_max,

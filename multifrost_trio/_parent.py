@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import _messages as m
 from ._errors import CallTimeout, CircuitOpenError, RemoteCallError, WorkerDied
 from ._health import CircuitBreaker, CircuitState
-from ._metrics import Metrics, MetricsSnapshot, Outcome
+from ._metrics import Metrics, MetricsSnapshot
 from ._transport import Channel, ChannelClosed, TrioWaiter, Waiter, waiter_type
 
 log = logging.getLogger("multifrost_trio")
@@ -282,54 +282,60 @@ class WorkerCore:
             raise CircuitOpenError(
                 f"circuit of worker {self.name} is open: call {function!r} refused"
             )
-        call_id: str = message["id"]
         frames = (b"", m.encode(message))
-        metrics = self.metrics
-        outcome: Outcome = "failed"
-        transport_ok: bool | None = False
         started = time.perf_counter()
-        metrics.in_flight += 1
+        self.metrics.in_flight += 1
         try:
             if timeout is None:
-                result = await self._exchange(call_id, frames)
+                result = await self._exchange(message["id"], frames)
             else:
-                with anyio.move_on_after(timeout) as scope:
-                    result = await self._exchange(call_id, frames)
-                if scope.cancelled_caught:
-                    outcome = "timeout"
-                    log.debug(
-                        "call %s to %s timed out",
-                        function,
-                        self.name,
-                        extra={
-                            **self.log_extra(),
-                            "call_id": call_id,
-                            "function": function,
-                            "duration": timeout,
-                        },
-                    )
-                    raise CallTimeout(
-                        f"call {function!r} to {self.name} timed out after {timeout} s"
-                    )
-            outcome = "success"
-            transport_ok = True
-            return result
-        except RemoteCallError:
-            transport_ok = not self.options.circuit_counts_remote_errors
+                result = await self._exchange_within(timeout, function, message["id"], frames)
+        except BaseException as exc:
+            self._call_failed(function, probe, started, exc)
             raise
-        except self._cancelled_exc:
-            outcome = "cancelled"
-            transport_ok = None
-            raise
-        finally:
-            metrics.in_flight -= 1
-            metrics.record(function, outcome, time.perf_counter() - started)
-            if transport_ok:
+        metrics = self.metrics
+        metrics.in_flight -= 1
+        metrics.record_success(function, time.perf_counter() - started)
+        self.breaker.success(probe)
+        return result
+
+    def _call_failed(self, function: str, probe: bool, started: float, exc: BaseException) -> None:
+        """Count a call that raised ``exc`` and tell the breaker what it says of the
+        transport: a timeout or a dead worker is a failure, a cancel says nothing, and a
+        handler's own error counts only if the options say so."""
+        metrics = self.metrics
+        metrics.in_flight -= 1
+        if isinstance(exc, CallTimeout):
+            metrics.record(function, "timeout", time.perf_counter() - started)
+            self.breaker.failure(probe)
+        elif isinstance(exc, self._cancelled_exc):
+            metrics.record(function, "cancelled", time.perf_counter() - started)
+            self.breaker.neutral(probe)
+        else:
+            metrics.record(function, "failed", time.perf_counter() - started)
+            if isinstance(exc, RemoteCallError) and not self.options.circuit_counts_remote_errors:
                 self.breaker.success(probe)
-            elif transport_ok is None:
-                self.breaker.neutral(probe)
             else:
                 self.breaker.failure(probe)
+
+    async def _exchange_within(
+        self, timeout: float, function: str, call_id: str, frames: tuple[bytes, bytes]
+    ) -> Any:
+        """``_exchange`` bounded by ``timeout`` seconds (raises :class:`CallTimeout`)."""
+        with anyio.move_on_after(timeout):
+            return await self._exchange(call_id, frames)
+        log.debug(
+            "call %s to %s timed out",
+            function,
+            self.name,
+            extra={
+                **self.log_extra(),
+                "call_id": call_id,
+                "function": function,
+                "duration": timeout,
+            },
+        )
+        raise CallTimeout(f"call {function!r} to {self.name} timed out after {timeout} s")
 
     async def _exchange(self, call_id: str, frames: tuple[bytes, bytes]) -> Any:
         channel = self.channel

@@ -196,7 +196,7 @@ def test_latency_samples_are_bounded() -> None:
         metrics.record("f", "success", i / 1e6)
     snapshot = metrics.snapshot()
     assert snapshot.requests_total == LATENCY_SAMPLES * 3
-    assert len(metrics._all.latencies) == LATENCY_SAMPLES
+    assert len(metrics._latencies) == LATENCY_SAMPLES
     assert snapshot.latency_min_ms == 0.0
     assert snapshot.latency_max_ms == pytest.approx((LATENCY_SAMPLES * 3 - 1) / 1e3)
 

@@ -603,7 +603,9 @@ class ChildWorker:
     namespace: str = m.DEFAULT_NAMESPACE
     """Calls for another namespace are ignored (override per class or in ``__init__``)."""
     max_concurrency: int = 1000
-    """Calls handled at once; further calls wait in arrival order (heartbeats never wait)."""
+    """Async and threaded calls in progress at once; further ones wait in arrival order.
+    Inline calls, and async ones answered without awaiting, finish as they are read and
+    count for none; heartbeats never wait."""
     sync_threads: int = 8
     """Most worker threads used for sync handlers at once."""
 

@@ -604,8 +604,9 @@ class ChildWorker:
     """Calls for another namespace are ignored (override per class or in ``__init__``)."""
     max_concurrency: int = 1000
     """Async and threaded calls in progress at once; further ones wait in arrival order.
-    Inline calls, and async ones answered without awaiting, finish as they are read and
-    count for none; heartbeats never wait."""
+    Inline calls count for none, nor does an async call whose handler returns without
+    awaiting when it starts in the read that took it (see the README); heartbeats never
+    wait."""
     sync_threads: int = 8
     """Most worker threads used for sync handlers at once."""
 

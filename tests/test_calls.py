@@ -182,6 +182,7 @@ async def test_async_handlers_keep_their_task_scopes_and_nurseries_past_their_fi
         async with mf.open_worker(ECHO, options=QUIET) as worker:
             assert await worker.call.add_async(1, 1) == 2  # its task then reads the socket
             assert await worker.call.began_in_drain() is True
+            assert await worker.call.loop_token() is True
             for _ in range(3):
                 assert await worker.call.same_task() is True
                 assert await worker.call.scoped_nap(0.01) is True

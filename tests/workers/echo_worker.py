@@ -29,6 +29,7 @@ class EchoWorker(ChildWorker):
         self.meetings: dict[str, list[Any]] = {}
         self.barriers: dict[str, threading.Barrier] = {}
         self.barriers_lock = threading.Lock()
+        self.token: trio.lowlevel.TrioToken | None = None
 
     async def echo(self, value: Any) -> Any:
         return value
@@ -63,15 +64,25 @@ class EchoWorker(ChildWorker):
         return self._channel is not None and self._channel.leader_draining
 
     @inline
+    def loop_token(self) -> bool:
+        """Keep the event loop's token, for ``tasks_with_a_caller``."""
+        self.token = trio.lowlevel.current_trio_token()
+        return True
+
     def tasks_with_a_caller(self) -> int:
-        """How many tasks other than this one would send printed text to a caller."""
-        found, tasks = 0, [trio.lowlevel.current_root_task()]
-        while tasks:
-            task = tasks.pop()
-            if task is not None and task is not trio.lowlevel.current_task():
-                found += task.context.get(_caller) is not None
-            tasks.extend(t for n in (task.child_nurseries if task else []) for t in n.child_tasks)
-        return found
+        """How many tasks would send printed text to a caller: counted from a worker
+        thread (after ``loop_token``), so no pooled task is the one counting."""
+
+        def count() -> int:
+            found, tasks = 0, [trio.lowlevel.current_root_task()]
+            while tasks:
+                task = tasks.pop()
+                if task is not None:
+                    found += task.context.get(_caller) is not None
+                    tasks.extend(t for n in task.child_nurseries for t in n.child_tasks)
+            return found
+
+        return trio.from_thread.run_sync(count, trio_token=self.token)
 
     async def scoped_nap(self, limit: float) -> bool:
         """A cancel scope of the handler's own, entered before its first await."""

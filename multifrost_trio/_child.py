@@ -932,20 +932,22 @@ class ChildWorker:
             # after queueing its job) and did not wake the loop: its slot is freed here.
             if self._threads.finished:
                 self._threads.book_finished()
-        else:
+        elif (
+            kind == "thread" or self._ready or self._backlog or not self._start_here(identity, call)
+        ):
             self._dispatch(identity, call, kind)
 
     def _dispatch(self, identity: bytes, call: m.CallRequest, kind: Kind) -> None:
-        """Start a thread or async call; the caller has checked capacity."""
+        """Start a thread job, or queue an async call for a pooled task; the caller has
+        checked capacity."""
         if self._channel is None or self._channel.closed:
             return  # a call left in the backlog after the worker stopped: none can reply
+        self._active += 1
         if kind == "thread":
-            self._active += 1
             job = _SyncJob(identity, call, getattr(self, call.function or ""))
             self._sync_jobs[call.id] = job
             self._threads.submit(job)
-        elif self._ready or self._backlog or not self._start_here(identity, call):
-            self._active += 1
+        else:
             self._ready.append((identity, call))
             if not self._runners and not self._summoned:
                 self._summon_runner()

@@ -961,7 +961,7 @@ class ChildWorker:
         started in the right task: its task takes it over from ``_wait_idle`` and
         resumes it where it stopped. False when the drain is not such a task's own; the
         caller then queues the call. Only a call that awaits takes a ``max_concurrency``
-        slot: one answered here gave it back before anything could ask for it.
+        slot; one answered here is done before anything could ask for its slot.
         """
         channel = self._channel
         if channel is None or not channel.leader_draining:

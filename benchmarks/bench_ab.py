@@ -126,11 +126,12 @@ async def _paired(
 async def _parent_side(
     args: argparse.Namespace, scratch: Path, endpoint: str
 ) -> tuple[float, float]:
-    _extract(args.rev, scratch, OLD_PACKAGE)
-    sys.path.insert(0, str(scratch))
+    sys.path[:0] = [str(scratch), str(ROOT)]
     import multifrost_trio_old as old  # type: ignore[import-not-found]
 
     import multifrost_trio as new
+
+    assert Path(new.__file__).is_relative_to(ROOT), new.__file__
 
     async with (
         old.connect_worker(endpoint=endpoint) as old_worker,
@@ -149,7 +150,6 @@ async def _parent_side(
 async def _worker_side(args: argparse.Namespace, scratch: Path, run: int) -> tuple[float, float]:
     import multifrost_trio as mf
 
-    _extract(args.rev, scratch, "multifrost_trio")
     trees = {"old": str(scratch), "new": str(ROOT)}
     first, second = ("old", "new") if run % 2 else ("new", "old")  # who starts first
     async with (
@@ -181,6 +181,7 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 def _one_run(args: argparse.Namespace, run: int) -> tuple[float, float]:
     scratch = Path(tempfile.mkdtemp(prefix="bench_ab_"))
     try:
+        _extract(args.rev, scratch, OLD_PACKAGE if args.side == "parent" else "multifrost_trio")
         if args.side == "worker":
             return trio.run(_worker_side, args, scratch, run)
         env = {**os.environ, TREE_ENV: str(ROOT), BIND_ENV: "1"}

@@ -60,7 +60,7 @@ async def connect_worker(
     except BaseException:
         sock.close(linger=0)
         raise
-    channel = Channel(sock, core.on_frames)
+    channel = Channel(sock, core.on_frames, batch_sends=True)
     core.attach(channel)
     # A service that goes away is noticed when its connection drops, not only after
     # heartbeat_max_misses heartbeats (18 s with the defaults).

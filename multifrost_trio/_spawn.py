@@ -115,7 +115,7 @@ async def open_worker(
     except BaseException:
         sock.close(linger=0)
         raise
-    channel = Channel(sock, core.on_frames)
+    channel = Channel(sock, core.on_frames, batch_sends=True)
     core.attach(channel)
     try:
         async with anyio.create_task_group() as tg:

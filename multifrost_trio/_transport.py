@@ -14,6 +14,7 @@ are measurable on this path.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -168,6 +169,8 @@ class _ReaderWatch(trio.abc.Instrument):
         channel = self._channel
         if channel._closed:
             return
+        if channel._sent_this_pass:
+            channel.flush_deferred()
         if channel._parked_reader is not None and channel._leader is None:
             self._token.run_sync_soon(channel.unpark_reader_if_needed, idempotent=True)
         elif channel._drain_owed:
@@ -197,6 +200,8 @@ class Channel:
         sock: zmq.Socket[bytes],
         on_frames: FrameHandler,
         on_drained: Callable[[], None] | None = None,
+        *,
+        batch_sends: bool = False,
     ) -> None:
         self.sock = sock
         self._on_frames = on_frames
@@ -224,6 +229,11 @@ class Channel:
         """Held around every use of the socket: threads may send on it (``send_from_thread``)."""
         self._token = trio.lowlevel.current_trio_token() if self._on_trio else None
         self._continuation_scheduled = False
+        self._batch_sends = batch_sends
+        self._sent_this_pass = False
+        self._deferred: collections.deque[Sequence[bytes]] = collections.deque()
+        """Messages sent during a scheduler pass after its first send, in order; they go
+        out together when the pass ends (``_ReaderWatch``), or wait there for room."""
         self._watched = False
         """A ``_ReaderWatch`` runs (the background reader is running on trio)."""
 
@@ -290,7 +300,7 @@ class Channel:
             self._draining = False
             if self._on_drained is not None:
                 self._on_drained()
-        if self._send_waiters and events & _POLLOUT:
+        if events & _POLLOUT and self._send_waiters:
             self._wake_senders(None)
 
     def stop_draining(self) -> None:
@@ -319,7 +329,7 @@ class Channel:
             if drain_now:
                 raise
             return  # closed under the channel: its reader meets the same error
-        if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
+        if events & _POLLIN or (events & _POLLOUT and self._waits_for_room()):
             if drain_now:
                 self.drain(expect_message=bool(events & _POLLIN))
             else:
@@ -462,15 +472,37 @@ class Channel:
         """
         if self._closed:
             raise ChannelClosed("channel is closed")
+        if self._sent_this_pass:
+            # Later sends of a scheduler pass leave together when it ends: many sends in a
+            # row wake zmq's I/O thread once, not once each.
+            self._deferred.append(frames)
+            return True
         with self._lock:
             sent = self._send_all(frames)
         if self._watched:
             # Settled before the scheduler sleeps (``_ReaderWatch``): one question for all
             # the sends of a scheduler pass instead of one per send.
             self._drain_owed = True
+            self._sent_this_pass = self._batch_sends and sent
         else:
             self.drain()
         return sent
+
+    def flush_deferred(self) -> None:
+        """Send the messages held back during a scheduler pass, in order (``_ReaderWatch``
+        calls this when the pass ends). What finds no room waits for the next pass, and
+        keeps later sends behind it; zmq's fd fires when room comes, so a pass follows."""
+        deferred = self._deferred
+        if deferred:
+            with self._lock:
+                try:
+                    while deferred and self._send_all(deferred[0]):
+                        deferred.popleft()
+                except zmq.ZMQError:
+                    log.debug("dropped %d held messages", len(deferred), exc_info=True)
+                    deferred.clear()
+            self._drain_owed = True
+        self._sent_this_pass = bool(deferred)
 
     @trio.lowlevel.enable_ki_protection
     def _send_all(self, frames: Sequence[bytes]) -> bool:
@@ -504,7 +536,7 @@ class Channel:
             except zmq.ZMQError:
                 return False
             events = self._int_option(_EVENTS)
-        if events & _POLLIN or (self._send_waiters and events & _POLLOUT):
+        if events & _POLLIN or (events & _POLLOUT and self._waits_for_room()):
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._continue_drain, idempotent=True)
         return sent
@@ -537,6 +569,10 @@ class Channel:
             if waiter in self._send_waiters:
                 self._send_waiters.remove(waiter)
 
+    def _waits_for_room(self) -> bool:
+        """A sender waits for room, or held messages do (``flush_deferred``)."""
+        return bool(self._send_waiters or self._deferred)
+
     def _wake_senders(self, error: BaseException | None) -> None:
         waiters, self._send_waiters = self._send_waiters, []
         for waiter in waiters:
@@ -551,6 +587,8 @@ class Channel:
         """Wake every task sleeping on the socket, then close it (bounded linger)."""
         if self._closed:
             return
+        with contextlib.suppress(zmq.ZMQError):
+            self.flush_deferred()  # a last ``shutdown`` may be among them
         self._closed = True
         self._wake_senders(ChannelClosed("channel is closed"))
         self._unpark_reader()

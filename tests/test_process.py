@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 import trio
+import trio.testing
 import zmq
 
 import multifrost_trio as mf
@@ -383,6 +384,62 @@ def test_ctrl_c_never_cuts_a_multipart_message_in_two() -> None:
 
     trio.run(main)
     assert protected == [("send", True)] * 3 + [("recv", True)] * 2
+
+
+def test_sends_of_one_scheduler_pass_leave_together_in_order() -> None:
+    """On a channel with ``batch_sends``, the first send of a pass goes at once and the
+    later ones when the pass ends, in the order they were made; what finds no room waits
+    for room, keeping later sends behind it; closing sends what is still held."""
+
+    async def main() -> None:
+        peer = new_socket(zmq.PAIR)
+        peer.setsockopt(zmq.RCVHWM, 5)
+        peer.bind("inproc://batched-sends")
+        ours = new_socket(zmq.PAIR)
+        ours.setsockopt(zmq.SNDHWM, 5)
+        ours.connect("inproc://batched-sends")
+        channel = Channel(ours, lambda frames: None, batch_sends=True)
+
+        def readable() -> bool:
+            return bool(peer.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(channel.run)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert channel.try_send([b"first"])
+                    assert channel.try_send([b"second"])  # same pass: held back
+                    assert peer.recv() == b"first"
+                    assert not readable()
+                    await trio.lowlevel.checkpoint()  # the pass ends
+                    assert peer.recv() == b"second"
+
+                    messages = [b"%d" % i for i in range(40)]
+                    for message in messages:  # far more than the queues hold
+                        assert channel.try_send([message])
+                    await trio.lowlevel.checkpoint()
+                    assert channel._deferred  # no room for all: the rest wait, in order
+                    received = []
+                    while True:
+                        while readable():  # asked before each wait: zmq's fd is edge-like
+                            received.append(peer.recv())
+                        if len(received) == len(messages):
+                            break
+                        await trio.lowlevel.wait_readable(peer.getsockopt(zmq.FD))
+                    assert received == messages
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert not channel._deferred
+                    nursery.cancel_scope.cancel()
+            assert channel.try_send([b"last but one"])
+            assert channel.try_send([b"last"])  # held, then sent by close
+            channel.close()
+            assert [peer.recv(), peer.recv()] == [b"last but one", b"last"]
+        finally:
+            channel.close()
+            peer.close(linger=0)
+
+    trio.run(main)
 
 
 async def test_a_flood_of_messages_does_not_hold_the_event_loop() -> None:

@@ -196,6 +196,7 @@ class WorkerCore:
             waiter.error = make_error()
             self._wake(waiter)
         if channel is not None:
+            channel.discard_held()  # stale: a replacement child must not get them
             channel.abort_senders(make_error())
         while self._room_waiters:
             self._room_waiters.popleft().set()

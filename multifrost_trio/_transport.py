@@ -184,6 +184,8 @@ class Channel:
     whichever task drained the socket; it must not block or raise. ``on_drained``, if
     given, is called the same way at the end of every drain, after its last ``on_frames``
     (a receiver may hold back work for it, to do it once per burst of messages).
+    ``batch_sends`` (for a DEALER, whose messages all go to one peer) holds the later sends
+    of a scheduler pass until it ends (see ``try_send``).
 
     On trio a task waiting for its own message (``wait_for``) reads the socket itself and is
     woken by the fd directly: a sequential round trip then costs one task switch instead of
@@ -234,6 +236,9 @@ class Channel:
         self._deferred: collections.deque[Sequence[bytes]] = collections.deque()
         """Messages sent during a scheduler pass after its first send, in order; they go
         out together when the pass ends (``_ReaderWatch``), or wait there for room."""
+        self._held_without_room = False
+        """Held messages found no room: until they leave, a send waits like any sender
+        that finds no room (``send``), so the queue keeps its bound."""
         self._watched = False
         """A ``_ReaderWatch`` runs (the background reader is running on trio)."""
 
@@ -468,11 +473,16 @@ class Channel:
     def try_send(self, frames: Sequence[bytes]) -> bool:
         """Send without waiting; False when the peer's queue is full (or no peer yet).
 
+        With ``batch_sends`` on trio, only the first send of a scheduler pass goes at once;
+        later ones are held and leave together, in order, when the pass ends (True: they
+        will go), unless held messages still wait for room (False, as for a full queue).
         Raises ``zmq.ZMQError`` (EHOSTUNREACH) when a ROUTER names an unknown peer.
         """
         if self._closed:
             raise ChannelClosed("channel is closed")
         if self._sent_this_pass:
+            if self._held_without_room:
+                return False
             # Later sends of a scheduler pass leave together when it ends: many sends in a
             # row wake zmq's I/O thread once, not once each.
             self._deferred.append(frames)
@@ -495,14 +505,20 @@ class Channel:
         deferred = self._deferred
         if deferred:
             with self._lock:
-                try:
-                    while deferred and self._send_all(deferred[0]):
-                        deferred.popleft()
-                except zmq.ZMQError:
-                    log.debug("dropped %d held messages", len(deferred), exc_info=True)
-                    deferred.clear()
+                while deferred:
+                    try:
+                        if not self._send_all(deferred[0]):
+                            break
+                    except Exception:  # e.g. closed under us; this runs in an instrument
+                        log.debug("dropped a held message", exc_info=True)
+                    deferred.popleft()
             self._drain_owed = True
-        self._sent_this_pass = bool(deferred)
+        self._sent_this_pass = self._held_without_room = bool(deferred)
+
+    def discard_held(self) -> None:
+        """Forget held messages (their peer is gone, and their callers were failed)."""
+        self._deferred.clear()
+        self._sent_this_pass = self._held_without_room = False
 
     @trio.lowlevel.enable_ki_protection
     def _send_all(self, frames: Sequence[bytes]) -> bool:
@@ -587,9 +603,10 @@ class Channel:
         """Wake every task sleeping on the socket, then close it (bounded linger)."""
         if self._closed:
             return
-        with contextlib.suppress(zmq.ZMQError):
+        try:
             self.flush_deferred()  # a last ``shutdown`` may be among them
-        self._closed = True
+        finally:
+            self._closed = True
         self._wake_senders(ChannelClosed("channel is closed"))
         self._unpark_reader()
         anyio.notify_closing(self._fd)

@@ -420,6 +420,7 @@ def test_sends_of_one_scheduler_pass_leave_together_in_order() -> None:
                         assert channel.try_send([message])
                     await trio.lowlevel.checkpoint()
                     assert channel._deferred  # no room for all: the rest wait, in order
+                    assert not channel.try_send([b"more"])  # ... and a send waits for room
                     received = []
                     while True:
                         while readable():  # asked before each wait: zmq's fd is edge-like
@@ -430,10 +431,23 @@ def test_sends_of_one_scheduler_pass_leave_together_in_order() -> None:
                     assert received == messages
                     await trio.testing.wait_all_tasks_blocked()
                     assert not channel._deferred
-                    nursery.cancel_scope.cancel()
-            assert channel.try_send([b"last but one"])
-            assert channel.try_send([b"last"])  # held, then sent by close
-            channel.close()
+
+                    for message in messages:  # held again, then forgotten
+                        assert channel.try_send([message])
+                    await trio.lowlevel.checkpoint()
+                    assert channel._deferred
+                    channel.discard_held()
+                    assert channel.try_send([b"after"]) is False  # the queue is still full
+                    got = []
+                    while readable():
+                        got.append(peer.recv())
+                    assert 0 < len(got) < len(messages)
+                    assert got == messages[: len(got)]
+
+                    await channel.send([b"last but one"])  # once the peer's reads make room
+                    assert channel.try_send([b"last"])  # held; close sends it
+                    assert channel._deferred
+                    channel.close()
             assert [peer.recv(), peer.recv()] == [b"last but one", b"last"]
         finally:
             channel.close()

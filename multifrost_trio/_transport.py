@@ -605,12 +605,12 @@ class Channel:
             return
         try:
             self.flush_deferred()  # a last ``shutdown`` may be among them
-        finally:
+        finally:  # even if Ctrl-C came during the flush
             self._closed = True
-        self._wake_senders(ChannelClosed("channel is closed"))
-        self._unpark_reader()
-        anyio.notify_closing(self._fd)
-        anyio.notify_closing(self._reader_fd)
-        with self._lock:
-            self.sock.close(linger=CLOSE_LINGER_MS)
-        os.close(self._reader_fd)
+            self._wake_senders(ChannelClosed("channel is closed"))
+            self._unpark_reader()
+            anyio.notify_closing(self._fd)
+            anyio.notify_closing(self._reader_fd)
+            with self._lock:
+                self.sock.close(linger=CLOSE_LINGER_MS)
+            os.close(self._reader_fd)

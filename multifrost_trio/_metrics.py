@@ -111,10 +111,11 @@ class Metrics:
 
     def record(self, function: str, outcome: Outcome, seconds: float) -> None:
         """Count one finished call; only completed calls (success/failed) feed latency."""
-        counts = self._counts(function)
         if outcome == "success":
-            counts.success += 1
-        elif outcome == "failed":
+            self.record_success(function, seconds)
+            return
+        counts = self._counts(function)
+        if outcome == "failed":
             counts.failed += 1
         else:
             counts.ended_early += 1

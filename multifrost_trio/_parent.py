@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import _messages as m
 from ._errors import CallTimeout, CircuitOpenError, RemoteCallError, WorkerDied
 from ._health import CircuitBreaker, CircuitState
-from ._metrics import Metrics, MetricsSnapshot
+from ._metrics import Metrics, MetricsSnapshot, Outcome
 from ._transport import Channel, ChannelClosed, TrioWaiter, Waiter, waiter_type
 
 log = logging.getLogger("multifrost_trio")
@@ -304,20 +304,25 @@ class WorkerCore:
         """Count a call that raised ``exc`` and tell the breaker what it says of the
         transport: a timeout or a dead worker is a failure, a cancel says nothing, and a
         handler's own error counts only if the options say so."""
-        metrics = self.metrics
-        metrics.in_flight -= 1
+        transport_ok: bool | None
         if isinstance(exc, CallTimeout):
-            metrics.record(function, "timeout", time.perf_counter() - started)
-            self.breaker.failure(probe)
+            outcome: Outcome = "timeout"
+            transport_ok = False
         elif isinstance(exc, self._cancelled_exc):
-            metrics.record(function, "cancelled", time.perf_counter() - started)
-            self.breaker.neutral(probe)
+            outcome, transport_ok = "cancelled", None
         else:
-            metrics.record(function, "failed", time.perf_counter() - started)
-            if isinstance(exc, RemoteCallError) and not self.options.circuit_counts_remote_errors:
-                self.breaker.success(probe)
-            else:
-                self.breaker.failure(probe)
+            outcome = "failed"
+            transport_ok = isinstance(exc, RemoteCallError) and (
+                not self.options.circuit_counts_remote_errors
+            )
+        self.metrics.in_flight -= 1
+        self.metrics.record(function, outcome, time.perf_counter() - started)
+        if transport_ok is None:
+            self.breaker.neutral(probe)
+        elif transport_ok:
+            self.breaker.success(probe)
+        else:
+            self.breaker.failure(probe)
 
     async def _exchange_within(
         self, timeout: float, function: str, call_id: str, frames: tuple[bytes, bytes]

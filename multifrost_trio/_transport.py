@@ -305,7 +305,7 @@ class Channel:
             self._draining = False
             if self._on_drained is not None:
                 self._on_drained()
-        if events & _POLLOUT and self._send_waiters:
+        if self._send_waiters and events & _POLLOUT:
             self._wake_senders(None)
 
     def stop_draining(self) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -454,6 +456,203 @@ def test_sends_of_one_scheduler_pass_leave_together_in_order() -> None:
             peer.close(linger=0)
 
     trio.run(main)
+
+
+class _PollEntered:
+    """Stands in for an idle wait's poll object and tells other threads when the loop
+    thread is blocked in it."""
+
+    def __init__(self, poll: Any) -> None:
+        self._poll = poll
+        self.entered = threading.Event()
+
+    def poll(self, timeout: int) -> list[tuple[int, int]]:
+        self.entered.set()
+        return self._poll.poll(timeout)  # type: ignore[no-any-return]
+
+
+def _waiting_channel(name: str) -> tuple[zmq.Socket[bytes], Channel, Any, _PollEntered]:
+    """A peer, a channel whose message ``reply`` wakes the returned waiter, and the probe of
+    the channel's idle wait."""
+    waiter = mf._transport.TrioWaiter()
+    peer, ours = _inproc_pair(name)
+    channel = Channel(ours, lambda frames: channel.wake(waiter) if frames == [b"reply"] else None)
+    assert channel._idle_wait is not None, "the idle wait does not work with this trio"
+    probe = _PollEntered(channel._idle_wait._poll)
+    channel._idle_wait._poll = probe
+    return peer, channel, waiter, probe
+
+
+def _after(event: threading.Event, action: Any) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (event.wait(5), action()))
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    "wake_by", ["message", "thread callback", "other fd", "other task's timer", "own deadline"]
+)
+def test_a_caller_waiting_with_the_loop_idle_wakes_for_whatever_the_loop_waits_for(
+    wake_by: str,
+) -> None:
+    """A task waiting for its message while no other task is runnable waits in ``poll``
+    beside trio's I/O handle, off the scheduler; it must still wake for everything the
+    scheduler would have woken for: its message (here sent from another thread), a
+    thread's ``run_sync_soon``, another task's fd, another task's timer, its own cancel
+    scope's deadline."""
+
+    async def main() -> None:
+        peer, channel, waiter, probe = _waiting_channel(f"idle-wait-{wake_by}")
+        token = trio.lowlevel.current_trio_token()
+        reader, writer = socket.socketpair()
+        threads: list[threading.Thread] = []
+
+        async def reply_when_readable() -> None:
+            await trio.lowlevel.wait_readable(reader)
+            peer.send(b"reply")
+
+        async def reply_after_sleep() -> None:
+            await trio.sleep(0.05)
+            peer.send(b"reply")
+
+        try:
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    if wake_by == "message":
+                        threads.append(_after(probe.entered, lambda: peer.send(b"reply")))
+                    elif wake_by == "thread callback":
+                        send = functools.partial(peer.send, b"reply")
+                        threads.append(
+                            _after(
+                                probe.entered,
+                                lambda: trio.from_thread.run_sync(send, trio_token=token),
+                            )
+                        )
+                    elif wake_by == "other fd":
+                        nursery.start_soon(reply_when_readable)
+                        threads.append(_after(probe.entered, lambda: writer.send(b"x")))
+                    elif wake_by == "other task's timer":
+                        nursery.start_soon(reply_after_sleep)
+                    # Every other task blocked: this one runs alone, so it may wait idle.
+                    await trio.testing.wait_all_tasks_blocked()
+                    started = time.monotonic()
+                    if wake_by == "own deadline":
+                        with trio.move_on_after(0.05) as scope:
+                            await channel.wait_for(waiter)
+                        assert scope.cancelled_caught
+                        assert not waiter.done
+                    else:
+                        await channel.wait_for(waiter)
+                        assert waiter.done
+                    assert time.monotonic() - started < 2
+            assert probe.entered.is_set()
+        finally:
+            for thread in threads:
+                thread.join()
+            channel.close()
+            peer.close(linger=0)
+            reader.close()
+            writer.close()
+
+    trio.run(main)
+
+
+def test_a_caller_whose_scope_is_cancelled_does_not_wait_with_the_loop_idle() -> None:
+    """Cancelled before it waits, a caller gets Cancelled at once (the idle wait is no
+    checkpoint of its own: it must leave that to the scheduler)."""
+
+    async def main() -> None:
+        peer, channel, waiter, probe = _waiting_channel("idle-wait-cancelled")
+        try:
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                started = time.monotonic()
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await channel.wait_for(waiter)
+                assert scope.cancelled_caught
+                assert time.monotonic() - started < 2
+                assert not probe.entered.is_set()
+        finally:
+            channel.close()
+            peer.close(linger=0)
+
+    trio.run(main)
+
+
+def test_a_task_later_in_the_same_batch_runs_before_a_caller_waits_with_the_loop_idle() -> None:
+    """Two tasks woken in one scheduler pass run one after the other in one batch; a caller
+    running first must not wait in ``poll`` while the other has yet to run (here the other
+    sends its reply: waiting first would hang). Trio orders a batch at random, so this is
+    tried twenty times."""
+
+    async def main() -> None:
+        peer, channel, waiter, _ = _waiting_channel("idle-wait-batch")
+
+        async def reply_at(deadline: float) -> None:
+            await trio.sleep_until(deadline)
+            peer.send(b"reply")
+
+        try:
+            for _ in range(20):
+                waiter.__init__()  # type: ignore[misc]
+                with trio.fail_after(5):
+                    async with trio.open_nursery() as nursery:
+                        deadline = trio.current_time() + 0.01
+                        nursery.start_soon(reply_at, deadline)
+                        await trio.sleep_until(deadline)  # both wake in the same pass
+                        await channel.wait_for(waiter)
+                        # (a wait that blocked the other task ends only at fail_after's
+                        # deadline, and then succeeds: hence the clock)
+                        assert trio.current_time() - deadline < 2
+                assert waiter.done
+        finally:
+            channel.close()
+            peer.close(linger=0)
+
+    trio.run(main)
+
+
+def test_ctrl_c_while_a_caller_waits_with_the_loop_idle_comes_out_of_the_run() -> None:
+    """SIGINT during the idle wait is handed to trio, which raises KeyboardInterrupt out of
+    the run as usual (no hang, no lost signal)."""
+    main_thread = threading.get_ident()
+
+    async def main() -> None:
+        peer, channel, waiter, probe = _waiting_channel("idle-wait-ctrl-c")
+        thread = _after(probe.entered, lambda: signal.pthread_kill(main_thread, signal.SIGINT))
+        try:
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                await channel.wait_for(waiter)
+        finally:
+            thread.join()
+            channel.close()
+            peer.close(linger=0)
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+
+
+def test_no_idle_wait_under_a_mock_clock() -> None:
+    """With trio's MockClock the caller waits through the scheduler, so a virtual timeout
+    jumps ahead at once instead of blocking in real time."""
+
+    async def main() -> None:
+        peer, ours = _inproc_pair("idle-wait-mock-clock")
+        channel = Channel(ours, lambda frames: None)
+        try:
+            assert channel._idle_wait is None
+            started = time.monotonic()
+            with trio.move_on_after(3600) as scope:
+                await channel.wait_for(mf._transport.TrioWaiter())
+            assert scope.cancelled_caught
+            assert time.monotonic() - started < 2
+        finally:
+            channel.close()
+            peer.close(linger=0)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 async def test_a_flood_of_messages_does_not_hold_the_event_loop() -> None:

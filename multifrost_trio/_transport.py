@@ -187,12 +187,14 @@ class _IdleWait:
     rescheduling the task and switching back to it, plus the instruments around the wait.
     That pass is about a fifth of a sequential round trip here, and this wait skips it. It
     only starts when no other task is scheduled (in the run queue or later in the batch
-    that runs now), no callback is queued, nobody waits for the loop to be idle and the
-    task is not cancelled; it calls the instruments as the scheduler does; it ends at the
-    loop's next deadline and as soon as anything else the loop waits for (another fd, a
-    thread's callback, a signal) is ready, and the task then waits through the scheduler.
-    It reads trio's run-loop internals: where they are not as expected (another trio
-    version, another I/O backend, a mock clock, guest mode) it is not used.
+    that runs now), no callback is queued, no Ctrl-C waits to be delivered, nobody waits
+    for the loop to be idle and the task is not cancelled; it calls the instruments as the
+    scheduler does; it ends at the loop's next deadline and as soon as anything else the
+    loop waits for (another fd, a thread's callback, a signal) is ready, and the task then
+    waits through the scheduler. So it stands for a checkpoint, and is counted as one
+    (``trio.testing.assert_checkpoints`` sees it); a task step, though, now includes the
+    wait. It reads trio's run-loop internals, and is used only with the trio versions it
+    was checked against, the default clock, epoll and no guest mode.
     """
 
     def __init__(self, runner: Any, fd: int, io_handle: int) -> None:
@@ -206,6 +208,9 @@ class _IdleWait:
     def for_current_run(cls, fd: int) -> _IdleWait | None:
         """An idle wait on ``fd`` for the running trio loop, or None where none can be used."""
         try:
+            version = tuple(int(part) for part in trio.__version__.split(".")[:2])
+            if not IDLE_WAIT_TRIO_VERSIONS[0] <= version < IDLE_WAIT_TRIO_VERSIONS[1]:
+                return None
             from trio._core import _run
 
             runner = _run.GLOBAL_RUN_CONTEXT.runner
@@ -217,6 +222,9 @@ class _IdleWait:
                 and runner.clock_autojump_threshold == math.inf
                 and current in runner.tasks
                 and current._next_send_fn is None
+                and type(current._cancel_points) is int
+                and type(current._schedule_points) is int
+                and type(runner.ki_pending) is bool
                 and isinstance(runner.runq, collections.deque)
                 and isinstance(runner.entry_queue.queue, collections.deque)
                 and isinstance(runner.entry_queue.idempotent_queue, dict)
@@ -225,20 +233,22 @@ class _IdleWait:
                 and len(runner.waiting_for_idle) >= 0
                 and isinstance(current._cancel_status.effectively_cancelled, bool)
             )
-        except (AttributeError, ImportError, TypeError):
+        except (AttributeError, ImportError, TypeError, ValueError):
             return None
         return cls(runner, fd, io_handle) if usable else None
 
     def _loop_is_idle(self) -> bool:
         """No other work for the loop now: no task scheduled, in the run queue or still in
         the batch being run (trio marks a scheduled task by its ``_next_send_fn``), no
-        queued callback, nobody waiting for idleness, and the running task not cancelled."""
+        queued callback or pending Ctrl-C, nobody waiting for idleness, and the running
+        task not cancelled."""
         runner = self._runner
         entries = runner.entry_queue
         if (
             runner.runq
             or entries.queue
             or entries.idempotent_queue
+            or runner.ki_pending
             or runner.waiting_for_idle
             or len(runner.tasks) > IDLE_WAIT_MOST_TASKS
         ):
@@ -248,10 +258,11 @@ class _IdleWait:
         return not trio.lowlevel.current_task()._cancel_status.effectively_cancelled
 
     @trio.lowlevel.enable_ki_protection
-    def wait(self) -> bool:
-        """Wait if the loop is idle; True once the fd is readable, False (perhaps at once)
-        when the task has to wait through the scheduler instead. Ctrl-C during the wait is
-        handed to trio, which raises it as usual."""
+    def wait(self, waiter: Waiter | TrioWaiter) -> bool:
+        """Wait if the loop is idle. True: go on without sleeping (the fd is readable, or
+        an instrument woke ``waiter``); False, perhaps at once: wait through the
+        scheduler instead. Ctrl-C during the wait is handed to trio, which raises it as
+        usual."""
         if not self._loop_is_idle():
             return False
         runner = self._runner
@@ -260,19 +271,32 @@ class _IdleWait:
             return False
         timeout = min(timeout, _LONGEST_IDLE_WAIT)
         instruments = runner.instruments
-        if "before_io_wait" in instruments:
+        watched = "before_io_wait" in instruments
+        if watched:
             instruments.call("before_io_wait", timeout)
-            if not self._loop_is_idle():  # an instrument scheduled something
+        try:
+            if waiter.done:
+                return True
+            if watched and not self._loop_is_idle():  # an instrument scheduled something
                 return False
-        ready = self._poll.poll(math.ceil(timeout * 1000))
-        if "after_io_wait" in instruments:
-            instruments.call("after_io_wait", timeout)
-        return len(ready) == 1 and ready[0][0] == self._fd
+            ready = self._poll.poll(math.ceil(timeout * 1000))
+        finally:
+            if "after_io_wait" in instruments:
+                instruments.call("after_io_wait", timeout)
+        if len(ready) == 1 and ready[0][0] == self._fd:
+            task = trio.lowlevel.current_task()
+            task._cancel_points += 1
+            task._schedule_points += 1
+            return True
+        return False
 
 
 IDLE_WAIT_MOST_TASKS: Final = 100
 """Above this many tasks the loop is not checked for idleness (the check looks at every
 task): the task waits through the scheduler."""
+IDLE_WAIT_TRIO_VERSIONS: Final = ((0, 28), (0, 36))
+"""The trio versions (from, up to but not including) whose run loop ``_IdleWait`` was
+checked against; with others, tasks wait through the scheduler."""
 _LONGEST_IDLE_WAIT: Final = 86400.0
 """Seconds; trio's own longest sleep."""
 
@@ -541,7 +565,7 @@ class Channel:
                 # An idle wait counts as the checkpoint: the task was not cancelled when it
                 # began, and anything that would have run meanwhile ended it.
                 slept = True
-                if idle_wait is None or not idle_wait.wait():
+                if idle_wait is None or not idle_wait.wait(waiter):
                     self._leader_sleeping = True
                     try:
                         await trio.lowlevel.wait_readable(fd)

@@ -474,6 +474,9 @@ class _PollEntered:
 def _waiting_channel(name: str) -> tuple[zmq.Socket[bytes], Channel, Any, _PollEntered]:
     """A peer, a channel whose message ``reply`` wakes the returned waiter, and the probe of
     the channel's idle wait."""
+    first, last = mf._transport.IDLE_WAIT_TRIO_VERSIONS
+    if not first <= tuple(int(part) for part in trio.__version__.split(".")[:2]) < last:
+        pytest.skip(f"the idle wait is not used with trio {trio.__version__}")
     waiter = mf._transport.TrioWaiter()
     peer, ours = _inproc_pair(name)
     channel = Channel(ours, lambda frames: channel.wake(waiter) if frames == [b"reply"] else None)
@@ -542,7 +545,8 @@ def test_a_caller_waiting_with_the_loop_idle_wakes_for_whatever_the_loop_waits_f
                         assert scope.cancelled_caught
                         assert not waiter.done
                     else:
-                        await channel.wait_for(waiter)
+                        with trio.testing.assert_checkpoints():
+                            await channel.wait_for(waiter)
                         assert waiter.done
                     assert time.monotonic() - started < 2
             assert probe.entered.is_set()
@@ -632,6 +636,113 @@ def test_ctrl_c_while_a_caller_waits_with_the_loop_idle_comes_out_of_the_run() -
 
     with pytest.raises(KeyboardInterrupt):
         trio.run(main)
+
+
+def test_a_ctrl_c_trio_could_not_deliver_yet_is_not_held_back_by_an_idle_wait() -> None:
+    """Trio delivers a Ctrl-C that came in protected code at the main task's next
+    checkpoint when it could not at once (the task was runnable): the main task must not
+    then wait idle, which is no real checkpoint, but let trio raise it."""
+
+    @trio.lowlevel.enable_ki_protection
+    def ctrl_c_in_protected_code() -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    async def main() -> None:
+        peer, channel, waiter, probe = _waiting_channel("idle-wait-pending-ctrl-c")
+        main_task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+
+        async def make_ctrl_c_pending() -> None:
+            # The main task is made runnable first, so trio's delivery finds it so.
+            token.run_sync_soon(trio.lowlevel.reschedule, main_task)
+            ctrl_c_in_protected_code()
+
+        try:
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(make_ctrl_c_pending)
+                    await trio.lowlevel.wait_task_rescheduled(
+                        lambda _: trio.lowlevel.Abort.SUCCEEDED
+                    )
+                started = time.monotonic()
+                try:
+                    await channel.wait_for(waiter)  # no reply comes
+                finally:
+                    assert time.monotonic() - started < 2
+                    assert not probe.entered.is_set()
+        finally:
+            channel.close()
+            peer.close(linger=0)
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+
+
+def test_instruments_see_each_idle_wait_as_one_wait_for_io() -> None:
+    """Around an idle wait the run's instruments get ``before_io_wait`` and then
+    ``after_io_wait``, paired, as around the scheduler's own waits, also when one of them
+    schedules work and the task waits through the scheduler after all."""
+
+    class Pairing(trio.abc.Instrument):
+        def __init__(self, first_work: Any) -> None:
+            self.open = 0
+            self.pairs = 0
+            self.nested = False
+            self._first_work = first_work
+
+        def before_io_wait(self, timeout: float) -> None:
+            self.nested |= self.open > 0
+            self.open += 1
+            if self.pairs == 0:  # the first one schedules work, as the library's own do
+                trio.lowlevel.current_trio_token().run_sync_soon(self._first_work)
+
+        def after_io_wait(self, timeout: float) -> None:
+            self.open -= 1
+            self.pairs += 1
+
+    async def main() -> None:
+        peer, channel, waiter, probe = _waiting_channel("idle-wait-instruments")
+        # The work the first call schedules sends a message that does not wake the
+        # waiter: its task reads it, then waits idle again, and the reply comes.
+        pairing = Pairing(lambda: peer.send(b"not yet"))
+        try:
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                trio.lowlevel.add_instrument(pairing)  # its first call: the idle wait's
+                thread = _after(probe.entered, lambda: peer.send(b"reply"))
+                await channel.wait_for(waiter)
+                thread.join()
+        finally:
+            trio.lowlevel.remove_instrument(pairing)
+            channel.close()
+            peer.close(linger=0)
+        assert probe.entered.is_set()
+        assert pairing.open == 0
+        assert not pairing.nested
+        assert pairing.pairs >= 2
+
+    trio.run(main)
+
+
+def test_no_idle_wait_with_a_trio_version_it_was_not_checked_against(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The idle wait reads trio's internals: with a version outside the checked range the
+    caller waits through the scheduler."""
+
+    async def main() -> None:
+        first, last = mf._transport.IDLE_WAIT_TRIO_VERSIONS
+        for version in (f"{last[0]}.{last[1]}.0", f"{first[0]}.{first[1] - 1}.5", "1.0.0rc1"):
+            monkeypatch.setattr(trio, "__version__", version)
+            peer, ours = _inproc_pair(f"idle-wait-version-{version}")
+            channel = Channel(ours, lambda frames: None)
+            try:
+                assert channel._idle_wait is None
+            finally:
+                channel.close()
+                peer.close(linger=0)
+
+    trio.run(main)
 
 
 def test_no_idle_wait_under_a_mock_clock() -> None:

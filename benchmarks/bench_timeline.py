@@ -6,9 +6,10 @@ to the worker (zmq I/O threads, TCP, the worker's wake-up), the worker's work fr
 wake-up to its reply's send, the trip back, and the parent's work from its wake-up to the
 call's return. The floor is raw pyzmq driven by one trio task on each side, stamped at the
 same points (its request is built before the first stamp, its reply after the last). The
-library is stamped by wrapping ``trio.lowlevel.wait_readable`` and ``Channel.try_send`` in
-both processes, which adds well under a microsecond per stamp. Medians of ``--calls``
-calls; the machine is noisy, so compare parts measured in one run, not across runs.
+library is stamped by wrapping ``trio.lowlevel.wait_readable``, the idle wait (a caller's
+wait off the scheduler) and ``Channel.try_send`` in both processes, which adds well under a
+microsecond per stamp. Medians of ``--calls`` calls; the machine is noisy, so compare parts
+measured in one run, not across runs.
 
     python benchmarks/bench_timeline.py [--calls 3000] [--kinds async,inline,thread]
 """
@@ -49,10 +50,17 @@ def _install_stamps(stamps: Stamps) -> None:
     from a sync handler's thread) of this process."""
     waiting = trio.lowlevel.wait_readable
     channel_class = _transport.Channel
+    idle_wait = _transport._IdleWait.wait
 
     async def wait_readable(fd: int) -> None:
         await waiting(fd)
         stamps.append(("wake", time.perf_counter()))
+
+    def idle_wait_stamped(self: Any, waiter: Any) -> bool:
+        woke = idle_wait(self, waiter)
+        if woke:
+            stamps.append(("wake", time.perf_counter()))
+        return woke
 
     def stamped(send: Callable[[Any, Sequence[bytes]], bool]) -> Callable[..., bool]:
         def send_stamped(channel: Any, frames: Sequence[bytes]) -> bool:
@@ -62,6 +70,7 @@ def _install_stamps(stamps: Stamps) -> None:
         return send_stamped
 
     trio.lowlevel.wait_readable = wait_readable
+    _transport._IdleWait.wait = idle_wait_stamped  # type: ignore[method-assign]
     channel_class.try_send = stamped(channel_class.try_send)  # type: ignore[method-assign]
     channel_class.send_from_thread = stamped(channel_class.send_from_thread)  # type: ignore[method-assign]
 

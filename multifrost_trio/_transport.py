@@ -294,7 +294,7 @@ class _IdleWait:
 IDLE_WAIT_MOST_TASKS: Final = 100
 """Above this many tasks the loop is not checked for idleness (the check looks at every
 task): the task waits through the scheduler."""
-IDLE_WAIT_TRIO_VERSIONS: Final = ((0, 28), (0, 36))
+IDLE_WAIT_TRIO_VERSIONS: Final = ((0, 35), (0, 36))
 """The trio versions (from, up to but not including) whose run loop ``_IdleWait`` was
 checked against; with others, tasks wait through the scheduler."""
 _LONGEST_IDLE_WAIT: Final = 86400.0

@@ -259,10 +259,9 @@ class _IdleWait:
 
     @trio.lowlevel.enable_ki_protection
     def wait(self, waiter: Waiter | TrioWaiter) -> bool:
-        """Wait if the loop is idle. True: go on without sleeping (the fd is readable, or
-        an instrument woke ``waiter``); False, perhaps at once: wait through the
-        scheduler instead. Ctrl-C during the wait is handed to trio, which raises it as
-        usual."""
+        """Wait if the loop is idle; True once the fd is readable. False, perhaps at once:
+        unless an instrument called here woke ``waiter``, wait through the scheduler
+        instead. Ctrl-C during the wait is handed to trio, which raises it as usual."""
         if not self._loop_is_idle():
             return False
         runner = self._runner
@@ -275,10 +274,8 @@ class _IdleWait:
         if watched:
             instruments.call("before_io_wait", timeout)
         try:
-            if waiter.done:
-                return True
-            if watched and not self._loop_is_idle():  # an instrument scheduled something
-                return False
+            if waiter.done or (watched and not self._loop_is_idle()):
+                return False  # an instrument woke the waiter, or scheduled something
             ready = self._poll.poll(math.ceil(timeout * 1000))
         finally:
             if "after_io_wait" in instruments:
@@ -562,10 +559,14 @@ class Channel:
                 self.leader_draining = False
             idle_wait = self._idle_wait
             while not waiter.done and not self._closed:
-                # An idle wait counts as the checkpoint: the task was not cancelled when it
-                # began, and anything that would have run meanwhile ended it.
-                slept = True
-                if idle_wait is None or not idle_wait.wait(waiter):
+                if idle_wait is not None and idle_wait.wait(waiter):
+                    # It counts as the checkpoint: the task was not cancelled when it began,
+                    # and anything that would have run meanwhile ended it.
+                    slept = True
+                elif waiter.done:  # woken by an instrument the idle wait called
+                    break
+                else:
+                    slept = True
                     self._leader_sleeping = True
                     try:
                         await trio.lowlevel.wait_readable(fd)

@@ -724,6 +724,51 @@ def test_instruments_see_each_idle_wait_as_one_wait_for_io() -> None:
     trio.run(main)
 
 
+@pytest.mark.parametrize("instrument_does", ["wake the waiter", "reschedule a task"])
+def test_what_an_instrument_does_before_an_idle_wait_is_not_slept_through(
+    instrument_does: str,
+) -> None:
+    """An instrument that the idle wait calls may wake the waiting task's waiter, or make
+    another task runnable (which, unlike a callback, does not make trio's I/O handle ready):
+    the task then must not wait in ``poll``. A woken waiter still gets its checkpoint."""
+
+    async def main() -> None:
+        peer, channel, waiter, probe = _waiting_channel(f"idle-wait-{instrument_does}")
+        parked: list[trio.lowlevel.Task] = []
+
+        async def reply_when_rescheduled() -> None:
+            parked.append(trio.lowlevel.current_task())
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+            peer.send(b"reply")
+
+        class ActOnce(trio.abc.Instrument):
+            def before_io_wait(self, timeout: float) -> None:
+                trio.lowlevel.remove_instrument(self)
+                if instrument_does == "wake the waiter":
+                    channel.wake(waiter)
+                else:
+                    trio.lowlevel.reschedule(parked.pop())
+
+        try:
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    if instrument_does == "reschedule a task":
+                        nursery.start_soon(reply_when_rescheduled)
+                    await trio.testing.wait_all_tasks_blocked()
+                    trio.lowlevel.add_instrument(ActOnce())  # its only call: the idle wait's
+                    started = time.monotonic()
+                    with trio.testing.assert_checkpoints():
+                        await channel.wait_for(waiter)
+                    assert waiter.done
+                    assert time.monotonic() - started < 2
+            assert not probe.entered.is_set()
+        finally:
+            channel.close()
+            peer.close(linger=0)
+
+    trio.run(main)
+
+
 def test_no_idle_wait_with_a_trio_version_it_was_not_checked_against(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

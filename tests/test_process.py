@@ -790,6 +790,46 @@ def test_no_idle_wait_with_a_trio_version_it_was_not_checked_against(
     trio.run(main)
 
 
+def test_a_parent_calling_one_call_at_a_time_waits_for_each_reply_without_the_scheduler() -> None:
+    """End to end on trio: with nothing else to do, every wait of a parent's sequential
+    calls is an idle wait (the instruments it calls run inside the caller's task), none a
+    scheduler pass; yet the calls return the right results."""
+    first, last = mf._transport.IDLE_WAIT_TRIO_VERSIONS
+    if not first <= tuple(int(part) for part in trio.__version__.split(".")[:2]) < last:
+        pytest.skip(f"the idle wait is not used with trio {trio.__version__}")
+
+    class WhoWaits(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.idle_waits = 0
+            self.scheduler_waits = 0
+
+        def before_io_wait(self, timeout: float) -> None:
+            try:
+                trio.lowlevel.current_task()
+            except RuntimeError:  # the scheduler's own wait: no task runs
+                self.scheduler_waits += 1
+            else:
+                self.idle_waits += 1
+
+    async def main() -> None:
+        options = mf.SpawnOptions(heartbeat_interval=0, output=lambda stream, line: None)
+        with trio.fail_after(30):
+            async with mf.open_worker(worker_path("echo_worker.py"), options=options) as worker:
+                for i in range(20):
+                    assert await worker.call("echo", i) == i
+                who = WhoWaits()
+                trio.lowlevel.add_instrument(who)
+                try:
+                    for i in range(200):
+                        assert await worker.call("echo", i) == i
+                finally:
+                    trio.lowlevel.remove_instrument(who)
+        assert who.idle_waits >= 200
+        assert who.scheduler_waits <= 3  # room for a stray event (none came in trials)
+
+    trio.run(main)
+
+
 def test_no_idle_wait_under_a_mock_clock() -> None:
     """With trio's MockClock the caller waits through the scheduler, so a virtual timeout
     jumps ahead at once instead of blocking in real time."""

@@ -6,9 +6,10 @@ every zmq call made here is followed by a drain (receive until nothing is queued
 anyone may sleep on the fd again (on trio a send leaves it owed, and an instrument settles
 it before the scheduler sleeps); a sender that meets a full queue waits for a reader to see
 ``POLLOUT``. A drain runs for a bounded time and schedules its own continuation, so a peer
-that sends without pause cannot hold the event loop. Flags are plain ints and frames go
-through the socket's base ``send``/``recv``: pyzmq's enum arithmetic and keyword handling
-are measurable on this path.
+that sends without pause cannot hold the event loop. On trio, a task waiting for its own
+message while the loop has nothing else to do waits in ``poll`` without the scheduler
+(``_IdleWait``). Flags are plain ints and frames go through the socket's base
+``send``/``recv``: pyzmq's enum arithmetic and keyword handling are measurable on this path.
 """
 
 from __future__ import annotations

@@ -471,12 +471,16 @@ class _PollEntered:
         return self._poll.poll(timeout)  # type: ignore[no-any-return]
 
 
-def _waiting_channel(name: str) -> tuple[zmq.Socket[bytes], Channel, Any, _PollEntered]:
-    """A peer, a channel whose message ``reply`` wakes the returned waiter, and the probe of
-    the channel's idle wait."""
+def _skip_unless_the_idle_wait_is_used() -> None:
     first, last = mf._transport.IDLE_WAIT_TRIO_VERSIONS
     if not first <= tuple(int(part) for part in trio.__version__.split(".")[:2]) < last:
         pytest.skip(f"the idle wait is not used with trio {trio.__version__}")
+
+
+def _waiting_channel(name: str) -> tuple[zmq.Socket[bytes], Channel, Any, _PollEntered]:
+    """A peer, a channel whose message ``reply`` wakes the returned waiter, and the probe of
+    the channel's idle wait."""
+    _skip_unless_the_idle_wait_is_used()
     waiter = mf._transport.TrioWaiter()
     peer, ours = _inproc_pair(name)
     channel = Channel(ours, lambda frames: channel.wake(waiter) if frames == [b"reply"] else None)
@@ -515,7 +519,7 @@ def test_a_caller_waiting_with_the_loop_idle_wakes_for_whatever_the_loop_waits_f
             peer.send(b"reply")
 
         async def reply_after_sleep() -> None:
-            await trio.sleep(0.05)
+            await trio.sleep(0.2)
             peer.send(b"reply")
 
         try:
@@ -540,7 +544,7 @@ def test_a_caller_waiting_with_the_loop_idle_wakes_for_whatever_the_loop_waits_f
                     await trio.testing.wait_all_tasks_blocked()
                     started = time.monotonic()
                     if wake_by == "own deadline":
-                        with trio.move_on_after(0.05) as scope:
+                        with trio.move_on_after(0.2) as scope:
                             await channel.wait_for(waiter)
                         assert scope.cancelled_caught
                         assert not waiter.done
@@ -562,8 +566,8 @@ def test_a_caller_waiting_with_the_loop_idle_wakes_for_whatever_the_loop_waits_f
 
 
 def test_a_caller_whose_scope_is_cancelled_does_not_wait_with_the_loop_idle() -> None:
-    """Cancelled before it waits, a caller gets Cancelled at once (the idle wait is no
-    checkpoint of its own: it must leave that to the scheduler)."""
+    """Cancelled before it waits, a caller gets Cancelled at once: it does not wait idle,
+    which would not deliver the cancel, but leaves it to the scheduler's checkpoint."""
 
     async def main() -> None:
         peer, channel, waiter, probe = _waiting_channel("idle-wait-cancelled")
@@ -599,7 +603,7 @@ def test_a_task_later_in_the_same_batch_runs_before_a_caller_waits_with_the_loop
 
         try:
             for _ in range(20):
-                waiter.__init__()  # type: ignore[misc]
+                waiter.__init__()  # type: ignore[misc]  # the same waiter, waited for anew
                 with trio.fail_after(5):
                     async with trio.open_nursery() as nursery:
                         deadline = trio.current_time() + 0.01
@@ -794,9 +798,7 @@ def test_a_parent_calling_one_call_at_a_time_waits_for_each_reply_without_the_sc
     """End to end on trio: with nothing else to do, every wait of a parent's sequential
     calls is an idle wait (the instruments it calls run inside the caller's task), none a
     scheduler pass; yet the calls return the right results."""
-    first, last = mf._transport.IDLE_WAIT_TRIO_VERSIONS
-    if not first <= tuple(int(part) for part in trio.__version__.split(".")[:2]) < last:
-        pytest.skip(f"the idle wait is not used with trio {trio.__version__}")
+    _skip_unless_the_idle_wait_is_used()
 
     class WhoWaits(trio.abc.Instrument):
         def __init__(self) -> None:

@@ -208,10 +208,9 @@ class _IdleWait:
     @classmethod
     def for_current_run(cls, fd: int) -> _IdleWait | None:
         """An idle wait on ``fd`` for the running trio loop, or None where none can be used."""
+        if not trio_version_checked():
+            return None
         try:
-            version = tuple(int(part) for part in trio.__version__.split(".")[:2])
-            if not IDLE_WAIT_TRIO_VERSIONS[0] <= version < IDLE_WAIT_TRIO_VERSIONS[1]:
-                return None
             from trio._core import _run
 
             runner = _run.GLOBAL_RUN_CONTEXT.runner
@@ -234,7 +233,7 @@ class _IdleWait:
                 and len(runner.waiting_for_idle) >= 0
                 and isinstance(current._cancel_status.effectively_cancelled, bool)
             )
-        except (AttributeError, ImportError, TypeError, ValueError):
+        except (AttributeError, ImportError, TypeError):
             return None
         return cls(runner, fd, io_handle) if usable else None
 
@@ -297,6 +296,15 @@ IDLE_WAIT_TRIO_VERSIONS: Final = ((0, 35), (0, 36))
 checked against; with others, tasks wait through the scheduler."""
 _LONGEST_IDLE_WAIT: Final = 86400.0
 """Seconds; trio's own longest sleep."""
+
+
+def trio_version_checked() -> bool:
+    """Whether the installed trio is one ``_IdleWait`` was checked against."""
+    try:
+        version = tuple(int(part) for part in trio.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return IDLE_WAIT_TRIO_VERSIONS[0] <= version < IDLE_WAIT_TRIO_VERSIONS[1]
 
 
 class Channel:

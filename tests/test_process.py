@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import select
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -472,22 +474,28 @@ class _PollEntered:
 
 
 def _skip_unless_the_idle_wait_is_used() -> None:
-    first, last = mf._transport.IDLE_WAIT_TRIO_VERSIONS
-    if not first <= tuple(int(part) for part in trio.__version__.split(".")[:2]) < last:
+    if not mf._transport.trio_version_checked():
         pytest.skip(f"the idle wait is not used with trio {trio.__version__}")
 
 
-def _waiting_channel(name: str) -> tuple[zmq.Socket[bytes], Channel, Any, _PollEntered]:
-    """A peer, a channel whose message ``reply`` wakes the returned waiter, and the probe of
-    the channel's idle wait."""
+@contextlib.contextmanager
+def _waiting_channel(
+    name: str,
+) -> Iterator[tuple[zmq.Socket[bytes], Channel, Any, _PollEntered]]:
+    """A peer, a channel whose message ``reply`` wakes the given waiter, and the probe of
+    the channel's idle wait; both sockets are closed at the end."""
     _skip_unless_the_idle_wait_is_used()
     waiter = mf._transport.TrioWaiter()
     peer, ours = _inproc_pair(name)
     channel = Channel(ours, lambda frames: channel.wake(waiter) if frames == [b"reply"] else None)
-    assert channel._idle_wait is not None, "the idle wait does not work with this trio"
-    probe = _PollEntered(channel._idle_wait._poll)
-    channel._idle_wait._poll = probe
-    return peer, channel, waiter, probe
+    try:
+        assert channel._idle_wait is not None, "the idle wait does not work with this trio"
+        probe = _PollEntered(channel._idle_wait._poll)
+        channel._idle_wait._poll = probe
+        yield peer, channel, waiter, probe
+    finally:
+        channel.close()
+        peer.close(linger=0)
 
 
 def _after(event: threading.Event, action: Any) -> threading.Thread:
@@ -509,58 +517,56 @@ def test_a_caller_waiting_with_the_loop_idle_wakes_for_whatever_the_loop_waits_f
     scope's deadline."""
 
     async def main() -> None:
-        peer, channel, waiter, probe = _waiting_channel(f"idle-wait-{wake_by}")
-        token = trio.lowlevel.current_trio_token()
-        reader, writer = socket.socketpair()
-        threads: list[threading.Thread] = []
+        with _waiting_channel(f"idle-wait-{wake_by}") as (peer, channel, waiter, probe):
+            token = trio.lowlevel.current_trio_token()
+            reader, writer = socket.socketpair()
+            threads: list[threading.Thread] = []
 
-        async def reply_when_readable() -> None:
-            await trio.lowlevel.wait_readable(reader)
-            peer.send(b"reply")
+            async def reply_when_readable() -> None:
+                await trio.lowlevel.wait_readable(reader)
+                peer.send(b"reply")
 
-        async def reply_after_sleep() -> None:
-            await trio.sleep(0.2)
-            peer.send(b"reply")
+            async def reply_after_sleep() -> None:
+                await trio.sleep(0.2)
+                peer.send(b"reply")
 
-        try:
-            with trio.fail_after(5):
-                async with trio.open_nursery() as nursery:
-                    if wake_by == "message":
-                        threads.append(_after(probe.entered, lambda: peer.send(b"reply")))
-                    elif wake_by == "thread callback":
-                        send = functools.partial(peer.send, b"reply")
-                        threads.append(
-                            _after(
-                                probe.entered,
-                                lambda: trio.from_thread.run_sync(send, trio_token=token),
+            try:
+                with trio.fail_after(5):
+                    async with trio.open_nursery() as nursery:
+                        if wake_by == "message":
+                            threads.append(_after(probe.entered, lambda: peer.send(b"reply")))
+                        elif wake_by == "thread callback":
+                            send = functools.partial(peer.send, b"reply")
+                            threads.append(
+                                _after(
+                                    probe.entered,
+                                    lambda: trio.from_thread.run_sync(send, trio_token=token),
+                                )
                             )
-                        )
-                    elif wake_by == "other fd":
-                        nursery.start_soon(reply_when_readable)
-                        threads.append(_after(probe.entered, lambda: writer.send(b"x")))
-                    elif wake_by == "other task's timer":
-                        nursery.start_soon(reply_after_sleep)
-                    # Every other task blocked: this one runs alone, so it may wait idle.
-                    await trio.testing.wait_all_tasks_blocked()
-                    started = time.monotonic()
-                    if wake_by == "own deadline":
-                        with trio.move_on_after(0.2) as scope:
-                            await channel.wait_for(waiter)
-                        assert scope.cancelled_caught
-                        assert not waiter.done
-                    else:
-                        with trio.testing.assert_checkpoints():
-                            await channel.wait_for(waiter)
-                        assert waiter.done
-                    assert time.monotonic() - started < 2
-            assert probe.entered.is_set()
-        finally:
-            for thread in threads:
-                thread.join()
-            channel.close()
-            peer.close(linger=0)
-            reader.close()
-            writer.close()
+                        elif wake_by == "other fd":
+                            nursery.start_soon(reply_when_readable)
+                            threads.append(_after(probe.entered, lambda: writer.send(b"x")))
+                        elif wake_by == "other task's timer":
+                            nursery.start_soon(reply_after_sleep)
+                        # Every other task blocked: this one runs alone, so it may wait idle.
+                        await trio.testing.wait_all_tasks_blocked()
+                        started = time.monotonic()
+                        if wake_by == "own deadline":
+                            with trio.move_on_after(0.2) as scope:
+                                await channel.wait_for(waiter)
+                            assert scope.cancelled_caught
+                            assert not waiter.done
+                        else:
+                            with trio.testing.assert_checkpoints():
+                                await channel.wait_for(waiter)
+                            assert waiter.done
+                        assert time.monotonic() - started < 2
+                assert probe.entered.is_set()
+            finally:
+                for thread in threads:
+                    thread.join()
+                reader.close()
+                writer.close()
 
     trio.run(main)
 
@@ -570,8 +576,7 @@ def test_a_caller_whose_scope_is_cancelled_does_not_wait_with_the_loop_idle() ->
     which would not deliver the cancel, but leaves it to the scheduler's checkpoint."""
 
     async def main() -> None:
-        peer, channel, waiter, probe = _waiting_channel("idle-wait-cancelled")
-        try:
+        with _waiting_channel("idle-wait-cancelled") as (_, channel, waiter, probe):
             with trio.fail_after(5):
                 await trio.testing.wait_all_tasks_blocked()
                 started = time.monotonic()
@@ -581,9 +586,6 @@ def test_a_caller_whose_scope_is_cancelled_does_not_wait_with_the_loop_idle() ->
                 assert scope.cancelled_caught
                 assert time.monotonic() - started < 2
                 assert not probe.entered.is_set()
-        finally:
-            channel.close()
-            peer.close(linger=0)
 
     trio.run(main)
 
@@ -595,13 +597,12 @@ def test_a_task_later_in_the_same_batch_runs_before_a_caller_waits_with_the_loop
     tried twenty times."""
 
     async def main() -> None:
-        peer, channel, waiter, _ = _waiting_channel("idle-wait-batch")
+        with _waiting_channel("idle-wait-batch") as (peer, channel, waiter, _):
 
-        async def reply_at(deadline: float) -> None:
-            await trio.sleep_until(deadline)
-            peer.send(b"reply")
+            async def reply_at(deadline: float) -> None:
+                await trio.sleep_until(deadline)
+                peer.send(b"reply")
 
-        try:
             for _ in range(20):
                 waiter.__init__()  # type: ignore[misc]  # the same waiter, waited for anew
                 with trio.fail_after(5):
@@ -614,9 +615,6 @@ def test_a_task_later_in_the_same_batch_runs_before_a_caller_waits_with_the_loop
                         # deadline, and then succeeds: hence the clock)
                         assert trio.current_time() - deadline < 2
                 assert waiter.done
-        finally:
-            channel.close()
-            peer.close(linger=0)
 
     trio.run(main)
 
@@ -627,16 +625,14 @@ def test_ctrl_c_while_a_caller_waits_with_the_loop_idle_comes_out_of_the_run() -
     main_thread = threading.get_ident()
 
     async def main() -> None:
-        peer, channel, waiter, probe = _waiting_channel("idle-wait-ctrl-c")
-        thread = _after(probe.entered, lambda: signal.pthread_kill(main_thread, signal.SIGINT))
-        try:
-            with trio.fail_after(5):
-                await trio.testing.wait_all_tasks_blocked()
-                await channel.wait_for(waiter)
-        finally:
-            thread.join()
-            channel.close()
-            peer.close(linger=0)
+        with _waiting_channel("idle-wait-ctrl-c") as (_, channel, waiter, probe):
+            thread = _after(probe.entered, lambda: signal.pthread_kill(main_thread, signal.SIGINT))
+            try:
+                with trio.fail_after(5):
+                    await trio.testing.wait_all_tasks_blocked()
+                    await channel.wait_for(waiter)
+            finally:
+                thread.join()
 
     with pytest.raises(KeyboardInterrupt):
         trio.run(main)
@@ -652,16 +648,15 @@ def test_a_ctrl_c_trio_could_not_deliver_yet_is_not_held_back_by_an_idle_wait() 
         signal.raise_signal(signal.SIGINT)
 
     async def main() -> None:
-        peer, channel, waiter, probe = _waiting_channel("idle-wait-pending-ctrl-c")
-        main_task = trio.lowlevel.current_task()
-        token = trio.lowlevel.current_trio_token()
+        with _waiting_channel("idle-wait-pending-ctrl-c") as (_, channel, waiter, probe):
+            main_task = trio.lowlevel.current_task()
+            token = trio.lowlevel.current_trio_token()
 
-        async def make_ctrl_c_pending() -> None:
-            # The main task is made runnable first, so trio's delivery finds it so.
-            token.run_sync_soon(trio.lowlevel.reschedule, main_task)
-            ctrl_c_in_protected_code()
+            async def make_ctrl_c_pending() -> None:
+                # The main task is made runnable first, so trio's delivery finds it so.
+                token.run_sync_soon(trio.lowlevel.reschedule, main_task)
+                ctrl_c_in_protected_code()
 
-        try:
             with trio.fail_after(5):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(make_ctrl_c_pending)
@@ -674,9 +669,6 @@ def test_a_ctrl_c_trio_could_not_deliver_yet_is_not_held_back_by_an_idle_wait() 
                 finally:
                     assert time.monotonic() - started < 2
                     assert not probe.entered.is_set()
-        finally:
-            channel.close()
-            peer.close(linger=0)
 
     with pytest.raises(KeyboardInterrupt):
         trio.run(main)
@@ -705,21 +697,19 @@ def test_instruments_see_each_idle_wait_as_one_wait_for_io() -> None:
             self.pairs += 1
 
     async def main() -> None:
-        peer, channel, waiter, probe = _waiting_channel("idle-wait-instruments")
-        # The work the first call schedules sends a message that does not wake the
-        # waiter: its task reads it, then waits idle again, and the reply comes.
-        pairing = Pairing(lambda: peer.send(b"not yet"))
-        try:
-            with trio.fail_after(5):
-                await trio.testing.wait_all_tasks_blocked()
-                trio.lowlevel.add_instrument(pairing)  # its first call: the idle wait's
-                thread = _after(probe.entered, lambda: peer.send(b"reply"))
-                await channel.wait_for(waiter)
-                thread.join()
-        finally:
-            trio.lowlevel.remove_instrument(pairing)
-            channel.close()
-            peer.close(linger=0)
+        with _waiting_channel("idle-wait-instruments") as (peer, channel, waiter, probe):
+            # The work the first call schedules sends a message that does not wake the
+            # waiter: its task reads it, then waits idle again, and the reply comes.
+            pairing = Pairing(lambda: peer.send(b"not yet"))
+            try:
+                with trio.fail_after(5):
+                    await trio.testing.wait_all_tasks_blocked()
+                    trio.lowlevel.add_instrument(pairing)  # its first call: the idle wait's
+                    thread = _after(probe.entered, lambda: peer.send(b"reply"))
+                    await channel.wait_for(waiter)
+                    thread.join()
+            finally:
+                trio.lowlevel.remove_instrument(pairing)
         assert probe.entered.is_set()
         assert pairing.open == 0
         assert not pairing.nested
@@ -737,23 +727,22 @@ def test_what_an_instrument_does_before_an_idle_wait_is_not_slept_through(
     the task then must not wait in ``poll``. A woken waiter still gets its checkpoint."""
 
     async def main() -> None:
-        peer, channel, waiter, probe = _waiting_channel(f"idle-wait-{instrument_does}")
-        parked: list[trio.lowlevel.Task] = []
+        with _waiting_channel(f"idle-wait-{instrument_does}") as (peer, channel, waiter, probe):
+            parked: list[trio.lowlevel.Task] = []
 
-        async def reply_when_rescheduled() -> None:
-            parked.append(trio.lowlevel.current_task())
-            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
-            peer.send(b"reply")
+            async def reply_when_rescheduled() -> None:
+                parked.append(trio.lowlevel.current_task())
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                peer.send(b"reply")
 
-        class ActOnce(trio.abc.Instrument):
-            def before_io_wait(self, timeout: float) -> None:
-                trio.lowlevel.remove_instrument(self)
-                if instrument_does == "wake the waiter":
-                    channel.wake(waiter)
-                else:
-                    trio.lowlevel.reschedule(parked.pop())
+            class ActOnce(trio.abc.Instrument):
+                def before_io_wait(self, timeout: float) -> None:
+                    trio.lowlevel.remove_instrument(self)
+                    if instrument_does == "wake the waiter":
+                        channel.wake(waiter)
+                    else:
+                        trio.lowlevel.reschedule(parked.pop())
 
-        try:
             with trio.fail_after(5):
                 async with trio.open_nursery() as nursery:
                     if instrument_does == "reschedule a task":
@@ -766,9 +755,6 @@ def test_what_an_instrument_does_before_an_idle_wait_is_not_slept_through(
                     assert waiter.done
                     assert time.monotonic() - started < 2
             assert not probe.entered.is_set()
-        finally:
-            channel.close()
-            peer.close(linger=0)
 
     trio.run(main)
 
